@@ -1,0 +1,349 @@
+"""Margin heads (SPEC section 5): embeddings (B, D) and labels (B,) -> scaled logits (B, C) for cross-entropy.
+
+One base class computes the float32 cosine to the class weights (max over sub-centres) with autocast off;
+each head only rewrites that cosine into logits. Every function of cos used here has a finite derivative
+at cos = +-1: sines come from ``sqrt(clamp(1 - cos^2, min=eps))`` and every ``acos`` input is clamped
+inside (-1, 1). Adaptive state (AdaCos scale, CurricularFace t, AdaFace norm statistics, DynM margins) lives
+in registered buffers, changes only in training mode and is computed from statistics summed over ranks, so
+every rank holds the same value and checkpoints carry it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from unic import distributed
+
+logger = logging.getLogger(__name__)
+
+_SIN_EPS = 1e-12  # floor under 1 - cos^2 so d sin / d cos stays finite at cos = +-1
+_ACOS_EPS = 1e-7  # acos inputs live in [-1 + eps, 1 - eps]: about one float32 step below 1
+
+
+def safe_acos(cos: torch.Tensor) -> torch.Tensor:
+    """acos with a finite gradient everywhere (zero gradient where cos is clamped)."""
+    return torch.acos(cos.clamp(-1.0 + _ACOS_EPS, 1.0 - _ACOS_EPS))
+
+
+def cos_add_angle(cos: torch.Tensor, m: torch.Tensor | float) -> torch.Tensor:
+    """cos(theta + m) from cos(theta) without acos: cos*cos(m) - sin*sin(m), theta in [0, pi]."""
+    m = torch.as_tensor(m, dtype=cos.dtype, device=cos.device)
+    sin = torch.sqrt(torch.clamp(1.0 - cos * cos, min=_SIN_EPS))
+    return cos * torch.cos(m) - sin * torch.sin(m)
+
+
+def arc_margin(cos_y: torch.Tensor, m: torch.Tensor | float, easy_margin: bool = False) -> torch.Tensor:
+    """ArcFace target cosine: cos(theta + m) while theta + m < pi, else the linear fallback cos - m*sin(pi - m).
+
+    The fallback keeps the target monotone in theta. ``easy_margin`` instead applies the margin only where
+    cos > 0 and leaves the target at cos elsewhere.
+    """
+    m = torch.as_tensor(m, dtype=cos_y.dtype, device=cos_y.device)
+    phi = cos_add_angle(cos_y, m)
+    if easy_margin:
+        return torch.where(cos_y > 0, phi, cos_y)
+    return torch.where(cos_y > torch.cos(math.pi - m), phi, cos_y - m * torch.sin(math.pi - m))
+
+
+def dynamic_margins(class_counts: Sequence[float] | torch.Tensor, m_min: float, m_max: float) -> torch.Tensor:
+    """DynM-ArcFace per-class margins: the rarest class gets m_max, the most frequent m_min (all equal: m_max)."""
+    counts = torch.as_tensor(class_counts, dtype=torch.float64).flatten()
+    span = counts.max() - counts.min()
+    nhat = (counts - counts.min()) / span if span > 0 else torch.zeros_like(counts)
+    return (m_min + (m_max - m_min) / 2 * (1 + torch.cos(math.pi * nhat))).float()
+
+
+def _global_sums(*values: torch.Tensor | float, device: torch.device) -> torch.Tensor:
+    """Stack scalars in float64 on ``device`` and sum them over ranks in one all-reduce."""
+    stacked = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).detach() for v in values])
+    return distributed.all_reduce_sum(stacked)
+
+
+class MarginHead(nn.Module):
+    """Base head: class weights (C*k, D) and the float32 cosine to each class (max over its k sub-centres).
+
+    Weights start as N(0, 0.01): only their direction matters, and a small isotropic init gives near
+    orthogonal class directions in high dimension. Subclasses implement ``_logits(cos, labels, embeddings)``.
+    """
+
+    def __init__(self, embed_dim: int, num_classes: int, s: float, k: int = 1) -> None:
+        super().__init__()
+        if k < 1:
+            raise ValueError(f"number of sub-centres k must be >= 1, got {k}")
+        self.embed_dim, self.num_classes, self.k, self.s = embed_dim, num_classes, k, s
+        self.weight = nn.Parameter(torch.empty(num_classes * k, embed_dim))
+        nn.init.normal_(self.weight, std=0.01)
+
+    def cosine(self, embeddings_BD: torch.Tensor) -> torch.Tensor:
+        """cos(e, W_c) in float32, rows c*k..c*k+k-1 of W are class c's sub-centres (max taken)."""
+        with torch.autocast(device_type=embeddings_BD.device.type, enabled=False):
+            e_BD = F.normalize(embeddings_BD.float(), dim=-1)
+            w_KD = F.normalize(self.weight.float(), dim=-1)
+            cos_BK = e_BD @ w_KD.T
+        if self.k == 1:
+            return cos_BK
+        return cos_BK.view(-1, self.num_classes, self.k).amax(dim=-1)
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # The whole margin computation stays in float32: acos/sqrt near +-1 are hopeless in half precision.
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            return self._logits(self.cosine(embeddings), labels, embeddings)
+
+    def _logits(self, cos_BC: torch.Tensor, labels_B: torch.Tensor, embeddings_BD: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def _with_target(cos_BC: torch.Tensor, labels_B: torch.Tensor, target_B: torch.Tensor) -> torch.Tensor:
+        """cos with each row's label column replaced by ``target`` (out of place, so autograd sees both)."""
+        return cos_BC.scatter(1, labels_B[:, None], target_B[:, None])
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, num_classes={self.num_classes}, k={self.k}, s={self.s}"
+
+
+class NormFace(MarginHead):
+    """s * cos, no margin."""
+
+    def __init__(self, embed_dim: int, num_classes: int, *, s: float = 16.0, k: int = 1) -> None:
+        super().__init__(embed_dim, num_classes, s, k)
+
+    def _logits(self, cos_BC, labels_B, embeddings_BD):
+        return self.s * cos_BC
+
+
+class CosFace(MarginHead):
+    """Additive cosine margin: target s*(cos_y - m)."""
+
+    def __init__(self, embed_dim: int, num_classes: int, *, s: float = 30.0, m: float = 0.35, k: int = 1) -> None:
+        super().__init__(embed_dim, num_classes, s, k)
+        self.m = m
+
+    def _logits(self, cos_BC, labels_B, embeddings_BD):
+        cos_y = cos_BC.gather(1, labels_B[:, None]).squeeze(1)
+        return self.s * self._with_target(cos_BC, labels_B, cos_y - self.m)
+
+
+class ArcFace(MarginHead):
+    """Additive angular margin: target s*cos(theta_y + m) with the fallback of ``arc_margin``."""
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_classes: int,
+        *,
+        s: float = 30.0,
+        m: float = 0.5,
+        easy_margin: bool = False,
+        k: int = 1,
+    ) -> None:
+        super().__init__(embed_dim, num_classes, s, k)
+        self.m, self.easy_margin = m, easy_margin
+
+    def margins(self, labels_B: torch.Tensor) -> torch.Tensor | float:
+        return self.m
+
+    def _logits(self, cos_BC, labels_B, embeddings_BD):
+        cos_y = cos_BC.gather(1, labels_B[:, None]).squeeze(1)
+        target = arc_margin(cos_y, self.margins(labels_B), self.easy_margin)
+        return self.s * self._with_target(cos_BC, labels_B, target)
+
+
+class SubCenterArcFace(ArcFace):
+    """ArcFace on the max cosine over k sub-centres per class (default k=3)."""
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_classes: int,
+        *,
+        s: float = 30.0,
+        m: float = 0.5,
+        easy_margin: bool = False,
+        k: int = 3,
+    ) -> None:
+        super().__init__(embed_dim, num_classes, s=s, m=m, easy_margin=easy_margin, k=k)
+
+
+class DynMArcFace(ArcFace):
+    """ArcFace with per-class margins from class frequencies (``dynamic_margins``), kept as buffers."""
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_classes: int,
+        *,
+        class_counts: Sequence[float] | torch.Tensor | None = None,
+        s: float = 30.0,
+        m_min: float = 0.2,
+        m_max: float = 0.5,
+        easy_margin: bool = False,
+        k: int = 1,
+    ) -> None:
+        super().__init__(embed_dim, num_classes, s=s, m=m_max, easy_margin=easy_margin, k=k)
+        if class_counts is None:
+            raise ValueError("dynm_arcface needs class_counts (one count per class)")
+        counts = torch.as_tensor(class_counts, dtype=torch.float32).flatten()
+        if counts.numel() != num_classes:
+            raise ValueError(f"class_counts has {counts.numel()} entries, expected num_classes={num_classes}")
+        self.m_min, self.m_max = m_min, m_max
+        self.register_buffer("class_counts", counts)
+        self.register_buffer("class_margins", dynamic_margins(counts, m_min, m_max))
+        logger.debug("dynm_arcface margins in [%.3f, %.3f]", self.class_margins.min(), self.class_margins.max())
+
+    def margins(self, labels_B: torch.Tensor) -> torch.Tensor:
+        return self.class_margins[labels_B]
+
+
+class AdaCos(MarginHead):
+    """s*cos with s re-estimated from each training batch (before scaling it), no margin, no gradient through s.
+
+    B_avg (mean over samples of the non-target sum of exp(s_old*cos)) uses sums and counts all-reduced over
+    ranks; the median target angle is the true median of the gathered global batch.
+    """
+
+    def __init__(self, embed_dim: int, num_classes: int, *, k: int = 1) -> None:
+        if num_classes < 3:
+            raise ValueError(f"adacos needs num_classes >= 3 (s0 = sqrt(2)*log(C-1)), got {num_classes}")
+        super().__init__(embed_dim, num_classes, math.sqrt(2) * math.log(num_classes - 1), k)
+        self.register_buffer("scale", torch.tensor(self.s, dtype=torch.float32))
+
+    @torch.no_grad()
+    def _update_scale(self, cos_BC: torch.Tensor, labels_B: torch.Tensor) -> None:
+        not_target_BC = torch.ones_like(cos_BC, dtype=torch.bool).scatter(1, labels_B[:, None], False)
+        # float64: exp(s*cos) overflows float32 once s grows past ~88
+        exp_BC = torch.exp(self.scale.double() * cos_BC.double()) * not_target_BC
+        exp_sum, count = _global_sums(exp_BC.sum(), cos_BC.shape[0], device=cos_BC.device)
+        theta_y = safe_acos(cos_BC.gather(1, labels_B[:, None]).squeeze(1)).double()
+        theta_sorted = distributed.all_gather_cat(theta_y).sort().values
+        n = theta_sorted.numel()
+        theta_med = (theta_sorted[(n - 1) // 2] + theta_sorted[n // 2]) / 2  # true median, even n included
+        new_scale = torch.log(exp_sum / count) / torch.cos(theta_med.clamp(max=math.pi / 4))
+        self.scale.copy_(new_scale)
+
+    def _logits(self, cos_BC, labels_B, embeddings_BD):
+        if self.training:
+            self._update_scale(cos_BC, labels_B)
+        return self.scale * cos_BC
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, num_classes={self.num_classes}, k={self.k}, s0={self.s:.4f}"
+
+
+class LiArcFace(MarginHead):
+    """Linear-in-angle logits s*(pi - 2*(theta + m*[j=y]))/pi for every class."""
+
+    def __init__(self, embed_dim: int, num_classes: int, *, s: float = 64.0, m: float = 0.45, k: int = 1) -> None:
+        super().__init__(embed_dim, num_classes, s, k)
+        self.m = m
+
+    def _logits(self, cos_BC, labels_B, embeddings_BD):
+        theta_BC = safe_acos(cos_BC)
+        theta_y = theta_BC.gather(1, labels_B[:, None]).squeeze(1)
+        theta_BC = self._with_target(theta_BC, labels_B, theta_y + self.m)
+        return self.s * (math.pi - 2 * theta_BC) / math.pi
+
+
+class CurricularFace(MarginHead):
+    """ArcFace target; hard non-targets (cos > cos(theta_y + m)) become cos*(t + cos), t an EMA of mean cos_y."""
+
+    def __init__(self, embed_dim: int, num_classes: int, *, s: float = 64.0, m: float = 0.5, k: int = 1) -> None:
+        super().__init__(embed_dim, num_classes, s, k)
+        self.m = m
+        self.register_buffer("t", torch.zeros(()))
+
+    def _logits(self, cos_BC, labels_B, embeddings_BD):
+        cos_y = cos_BC.gather(1, labels_B[:, None]).squeeze(1)
+        if self.training:
+            with torch.no_grad():
+                cos_sum, count = _global_sums(cos_y.sum(), cos_y.numel(), device=cos_y.device)
+                self.t.copy_(0.99 * self.t.double() + 0.01 * cos_sum / count)
+        phi_y = cos_add_angle(cos_y, self.m)  # margin-added target cos, the hardness threshold
+        hard_BC = (cos_BC > phi_y.detach()[:, None]).scatter(1, labels_B[:, None], False)
+        cos_BC = torch.where(hard_BC, cos_BC * (self.t + cos_BC), cos_BC)
+        return self.s * self._with_target(cos_BC, labels_B, arc_margin(cos_y, self.m))
+
+
+class AdaFace(MarginHead):
+    """Margin adapted to image quality through the embedding norm (Kim et al., 2022).
+
+    ms = clip(h*(||e|| - mu)/(sigma + eps), -1, 1) with mu, sigma the (EMA of the) global batch mean and
+    unbiased std of the clipped, detached norms; target cos(clip(theta_y - m*ms, eps, pi-eps)) - (m + m*ms).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_classes: int,
+        *,
+        s: float = 64.0,
+        m: float = 0.4,
+        h: float = 0.333,
+        eps: float = 1e-3,
+        alpha: float = 1.0,
+        k: int = 1,
+    ) -> None:
+        super().__init__(embed_dim, num_classes, s, k)
+        self.m, self.h, self.eps, self.alpha = m, h, eps, alpha
+        self.register_buffer("batch_mean", torch.tensor(20.0))
+        self.register_buffer("batch_std", torch.tensor(100.0))
+
+    @torch.no_grad()
+    def _update_norm_stats(self, norms_B: torch.Tensor) -> None:
+        norm_sum, norm_sq_sum, count = _global_sums(
+            norms_B.double().sum(), norms_B.double().square().sum(), norms_B.numel(), device=norms_B.device
+        )
+        mean = norm_sum / count
+        self.batch_mean.copy_(self.alpha * mean + (1 - self.alpha) * self.batch_mean.double())
+        if count > 1:  # a one-sample global batch has no unbiased std: keep the previous sigma
+            std = torch.sqrt(torch.clamp(norm_sq_sum - count * mean * mean, min=0) / (count - 1))
+            self.batch_std.copy_(self.alpha * std + (1 - self.alpha) * self.batch_std.double())
+
+    def _logits(self, cos_BC, labels_B, embeddings_BD):
+        cos_BC = cos_BC.clamp(-1 + self.eps, 1 - self.eps)
+        norms_B = embeddings_BD.detach().float().norm(dim=-1).clamp(0.001, 100)
+        if self.training:
+            self._update_norm_stats(norms_B)
+        ms_B = (self.h * (norms_B - self.batch_mean) / (self.batch_std + self.eps)).clamp(-1, 1)
+        theta_y = torch.acos(cos_BC.gather(1, labels_B[:, None]).squeeze(1))  # finite: |cos| <= 1 - eps
+        theta_y = (theta_y - self.m * ms_B).clamp(self.eps, math.pi - self.eps)
+        target = torch.cos(theta_y) - (self.m + self.m * ms_B)
+        return self.s * self._with_target(cos_BC, labels_B, target)
+
+
+MARGIN_HEADS: dict[str, type[MarginHead]] = {
+    "normface": NormFace,
+    "cosface": CosFace,
+    "arcface": ArcFace,
+    "subcenter_arcface": SubCenterArcFace,
+    "dynm_arcface": DynMArcFace,
+    "adacos": AdaCos,
+    "liarcface": LiArcFace,
+    "curricularface": CurricularFace,
+    "adaface": AdaFace,
+}
+
+
+def head_kwargs(name: str) -> list[str]:
+    """The keyword arguments head ``name`` accepts (besides embed_dim and num_classes)."""
+    params = inspect.signature(MARGIN_HEADS[name]).parameters
+    return [p for p in params if p not in ("embed_dim", "num_classes")]
+
+
+def build_margin_head(name: str, embed_dim: int, num_classes: int, **kw) -> MarginHead:
+    """Build margin head ``name``; unknown names or keyword arguments fail listing the valid ones."""
+    if name not in MARGIN_HEADS:
+        raise ValueError(f"unknown margin head {name!r}; choose one of {sorted(MARGIN_HEADS)}")
+    valid = head_kwargs(name)
+    unknown = sorted(set(kw) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown argument(s) {unknown} for margin head {name!r}; valid: {valid}")
+    head = MARGIN_HEADS[name](embed_dim, num_classes, **kw)
+    logger.debug("built margin head %s: %s", name, head.extra_repr())
+    return head
