@@ -1,0 +1,547 @@
+"""Plain-PyTorch parts of the ADE20K linear probe (DINOv2 linear protocol, no mmcv/mmseg).
+
+What mmseg provides for that protocol, rewritten with numpy/PIL/torch and matching its semantics:
+
+- :class:`ADE20KDataset`: ``root/images/{split}/*.jpg`` + ``root/annotations/{split}/*.png``, with
+  ``reduce_zero_label`` (0 -> 255 ignore, others minus 1: 150 classes 0..149);
+- :class:`SegTrainTransform` / :class:`SegEvalTransform`: mmseg's ADE20K pipelines (Resize with ratio range,
+  RandomCrop with ``cat_max_ratio``, RandomFlip, PhotoMetricDistortion, Normalize, Pad);
+- :class:`LinearSegHead`: BatchNorm + 1x1 conv (mmseg ``BNHead`` as used by DINOv2's linear configs);
+- :func:`poly_lr`: mmseg's poly schedule with linear warm-up;
+- :func:`slide_inference`: mmseg's sliding-window inference;
+- :class:`ConfusionMatrix`: mIoU / aAcc / mAcc as mmseg's ``eval_metrics``, reducible across ranks.
+
+Progress bars, the backbone and the training loop belong to the caller (``eval_dense/eval_semseg.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from unic import distributed
+
+logger = logging.getLogger(__name__)
+
+NUM_CLASSES = 150
+IGNORE_INDEX = 255
+# mmseg's ImageNet normalisation, in 0..255 pixel units.
+IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
+IMAGENET_STD_255 = (58.395, 57.12, 57.375)
+
+SegTransform = Callable[[Image.Image, np.ndarray], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _pair(value: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    first, second = value
+    return int(first), int(second)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Dataset
+# --------------------------------------------------------------------------------------------------------------
+
+
+def reduce_zero_label(label: np.ndarray) -> np.ndarray:
+    """ADE20K label shift (mmseg ``LoadAnnotations(reduce_zero_label=True)``): 0 -> 255, k -> k - 1."""
+    label = label.astype(np.uint8, copy=True)
+    label[label == 0] = 255
+    label = label - 1
+    label[label == 254] = 255
+    return label
+
+
+class ADE20KDataset(torch.utils.data.Dataset):
+    """ADE20K (ADEChallengeData2016 layout) returning ``transform(image, label)``.
+
+    Without a transform an item is ``(PIL RGB image, uint8 label array)``; labels are already reduced
+    (ignore = 255) when ``reduce_zero_label`` is true.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "training",
+        transform: SegTransform | None = None,
+        reduce_zero_label: bool = True,
+    ) -> None:
+        if split not in ("training", "validation"):
+            raise ValueError(f"split must be 'training' or 'validation', got {split!r}")
+        self.root = Path(root)
+        self.split = split
+        self.transform = transform
+        self.reduce_zero_label = reduce_zero_label
+        image_dir = self.root / "images" / split
+        label_dir = self.root / "annotations" / split
+        for folder in (image_dir, label_dir):
+            if not folder.is_dir():
+                raise FileNotFoundError(
+                    f"ADE20K folder {folder} not found: expected root/images/{split}/*.jpg and "
+                    f"root/annotations/{split}/*.png under root={self.root}"
+                )
+        self.image_paths = sorted(image_dir.glob("*.jpg"))
+        if not self.image_paths:
+            raise FileNotFoundError(f"no .jpg images in {image_dir}")
+        self.label_paths = [label_dir / f"{path.stem}.png" for path in self.image_paths]
+        missing = [str(path) for path in self.label_paths if not path.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} image(s) in {image_dir} have no annotation, e.g. {missing[0]}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+    def load_label(self, index: int) -> np.ndarray:
+        with Image.open(self.label_paths[index]) as label_img:
+            label = np.array(label_img, dtype=np.uint8)
+        if label.ndim != 2:
+            raise ValueError(f"{self.label_paths[index]}: expected a single-channel label map, got {label.shape}")
+        return reduce_zero_label(label) if self.reduce_zero_label else label
+
+    def __getitem__(self, index: int):
+        with Image.open(self.image_paths[index]) as img:
+            image = img.convert("RGB")
+        label = self.load_label(index)
+        if image.size != (label.shape[1], label.shape[0]):
+            raise ValueError(
+                f"{self.image_paths[index]}: image size {image.size} differs from its label {label.shape[::-1]}"
+            )
+        if self.transform is None:
+            return image, label
+        return self.transform(image, label)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Transforms (paired image + label). Images are float (3, H, W) tensors in 0..255 until normalisation.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _to_tensors(image: Image.Image | np.ndarray, label: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    image_np = np.array(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.uint8)
+    if image_np.ndim != 3 or image_np.shape[2] != 3:
+        raise ValueError(f"expected an RGB image (H, W, 3), got shape {image_np.shape}")
+    image_3HW = torch.from_numpy(image_np).permute(2, 0, 1).float()
+    label_HW = torch.from_numpy(np.array(label, dtype=np.int64))
+    if tuple(label_HW.shape) != tuple(image_np.shape[:2]):
+        raise ValueError(f"label shape {tuple(label_HW.shape)} differs from image shape {image_np.shape[:2]}")
+    return image_3HW, label_HW
+
+
+def rescale_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, int]:
+    """mmcv ``imrescale`` size: largest factor with long edge <= max(scale) and short edge <= min(scale)."""
+    factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
+    return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+def resize_image(image_3HW: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize without antialiasing (as cv2.INTER_LINEAR), rounded back to uint8 values."""
+    if tuple(image_3HW.shape[-2:]) == tuple(size):
+        return image_3HW
+    out = F.interpolate(image_3HW[None], size=size, mode="bilinear", align_corners=False)[0]
+    return out.round_().clamp_(0, 255)
+
+
+def resize_label(label_HW: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest resize (torch's ``nearest`` picks floor(dst * scale), as cv2.INTER_NEAREST)."""
+    if tuple(label_HW.shape) == tuple(size):
+        return label_HW
+    return F.interpolate(label_HW[None, None].float(), size=size, mode="nearest")[0, 0].long()
+
+
+def normalize_image(
+    image_3HW: torch.Tensor,
+    mean: Sequence[float] = IMAGENET_MEAN_255,
+    std: Sequence[float] = IMAGENET_STD_255,
+) -> torch.Tensor:
+    mean_t = torch.tensor(mean, dtype=image_3HW.dtype).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=image_3HW.dtype).view(3, 1, 1)
+    return (image_3HW - mean_t) / std_t
+
+
+def rgb_to_hsv(rgb_3HW: torch.Tensor) -> torch.Tensor:
+    """RGB in [0, 1] -> HSV with hue in [0, 1) (a full turn), saturation and value in [0, 1]."""
+    r, g, b = rgb_3HW.unbind(0)
+    maxc, _ = rgb_3HW.max(dim=0)
+    minc, _ = rgb_3HW.min(dim=0)
+    delta = maxc - minc
+    sat = torch.where(maxc > 0, delta / maxc.clamp_min(1e-12), torch.zeros_like(maxc))
+    safe_delta = delta.clamp_min(1e-12)
+    hue = torch.where(
+        maxc == r,
+        ((g - b) / safe_delta) % 6.0,
+        torch.where(maxc == g, (b - r) / safe_delta + 2.0, (r - g) / safe_delta + 4.0),
+    )
+    hue = torch.where(delta > 0, hue / 6.0, torch.zeros_like(hue)) % 1.0
+    return torch.stack([hue, sat, maxc])
+
+
+def hsv_to_rgb(hsv_3HW: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`rgb_to_hsv` (closed form: channel n in (5, 3, 1) is v - v s clamp(min(k, 4 - k), 0, 1)
+    with k = (n + 6 h) mod 6)."""
+    hue, sat, val = hsv_3HW.unbind(0)
+    offsets = torch.tensor([5.0, 3.0, 1.0], dtype=hsv_3HW.dtype, device=hsv_3HW.device).view(3, 1, 1)
+    k = (offsets + hue[None] * 6.0) % 6.0
+    return val[None] - (val * sat)[None] * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+
+
+class PhotoMetricDistortion:
+    """mmseg ``PhotoMetricDistortion``: each of brightness, contrast, saturation and hue with probability 1/2,
+    contrast either first or last.
+
+    Works on float images in 0..255 and clips/truncates after each step as mmseg's uint8 ``convert`` does; the
+    HSV round trip is in float (OpenCV's is in uint8), so values differ from mmseg by at most rounding.
+    ``hue_delta`` is in OpenCV units (180 per turn).
+    """
+
+    def __init__(
+        self,
+        brightness_delta: float = 32,
+        contrast_range: tuple[float, float] = (0.5, 1.5),
+        saturation_range: tuple[float, float] = (0.5, 1.5),
+        hue_delta: int = 18,
+    ) -> None:
+        self.brightness_delta = brightness_delta
+        self.contrast_range = contrast_range
+        self.saturation_range = saturation_range
+        self.hue_delta = hue_delta
+
+    @staticmethod
+    def _coin() -> bool:
+        return bool(torch.randint(2, ()).item())
+
+    @staticmethod
+    def _uniform(low: float, high: float) -> float:
+        return low + (high - low) * torch.rand(()).item()
+
+    @staticmethod
+    def _convert(image: torch.Tensor, alpha: float = 1.0, beta: float = 0.0) -> torch.Tensor:
+        return (image * alpha + beta).clamp_(0, 255).floor_()
+
+    def __call__(self, image_3HW: torch.Tensor) -> torch.Tensor:
+        if self._coin():
+            image_3HW = self._convert(image_3HW, beta=self._uniform(-self.brightness_delta, self.brightness_delta))
+        contrast_first = self._coin()
+        if contrast_first and self._coin():
+            image_3HW = self._convert(image_3HW, alpha=self._uniform(*self.contrast_range))
+        if self._coin():
+            hsv = rgb_to_hsv(image_3HW / 255.0)
+            hsv[1] = (hsv[1] * self._uniform(*self.saturation_range)).clamp_(0, 1)
+            image_3HW = (hsv_to_rgb(hsv) * 255.0).round_().clamp_(0, 255)
+        if self._coin():
+            hsv = rgb_to_hsv(image_3HW / 255.0)
+            shift = int(torch.randint(-self.hue_delta, self.hue_delta, ()).item())  # numpy.randint: high excluded
+            hsv[0] = (hsv[0] + shift / 180.0) % 1.0
+            image_3HW = (hsv_to_rgb(hsv) * 255.0).round_().clamp_(0, 255)
+        if not contrast_first and self._coin():
+            image_3HW = self._convert(image_3HW, alpha=self._uniform(*self.contrast_range))
+        return image_3HW
+
+
+class SegTrainTransform:
+    """mmseg's ADE20K training pipeline on a (PIL image, uint8 label) pair.
+
+    Resize(img_scale=base_scale, ratio_range, keep_ratio=True) -> RandomCrop(crop_size, cat_max_ratio) ->
+    RandomFlip(flip_prob) -> PhotoMetricDistortion -> Normalize -> Pad(crop_size, 0 for the image, 255 for the
+    label). Returns a float (3, crop_h, crop_w) image and an int64 (crop_h, crop_w) label. Randomness comes from
+    torch's global RNG, which DataLoader seeds per worker.
+    """
+
+    def __init__(
+        self,
+        crop_size: int | tuple[int, int] = 512,
+        base_scale: tuple[int, int] = (2048, 512),
+        ratio_range: tuple[float, float] = (0.5, 2.0),
+        cat_max_ratio: float = 0.75,
+        flip_prob: float = 0.5,
+        photometric: bool = True,
+        mean: Sequence[float] = IMAGENET_MEAN_255,
+        std: Sequence[float] = IMAGENET_STD_255,
+        ignore_index: int = IGNORE_INDEX,
+        max_crop_tries: int = 10,
+    ) -> None:
+        self.crop_size = _pair(crop_size)
+        self.base_scale = (int(base_scale[0]), int(base_scale[1]))
+        self.ratio_range = ratio_range
+        self.cat_max_ratio = cat_max_ratio
+        self.flip_prob = flip_prob
+        self.photometric = PhotoMetricDistortion() if photometric else None
+        self.mean, self.std = mean, std
+        self.ignore_index = ignore_index
+        self.max_crop_tries = max_crop_tries
+
+    def _random_scale(self) -> tuple[int, int]:
+        low, high = self.ratio_range
+        ratio = low + (high - low) * torch.rand(()).item()
+        return int(self.base_scale[0] * ratio), int(self.base_scale[1] * ratio)
+
+    def _random_crop_box(self, height: int, width: int) -> tuple[int, int, int, int]:
+        margin_h = max(height - self.crop_size[0], 0)
+        margin_w = max(width - self.crop_size[1], 0)
+        top = int(torch.randint(margin_h + 1, ()).item())
+        left = int(torch.randint(margin_w + 1, ()).item())
+        return top, min(top + self.crop_size[0], height), left, min(left + self.crop_size[1], width)
+
+    def _crop_box(self, label_HW: torch.Tensor) -> tuple[int, int, int, int]:
+        """mmseg RandomCrop: redraw (up to ``max_crop_tries`` times) while one class covers
+        >= ``cat_max_ratio`` of the crop's non-ignored pixels; the last draw is kept."""
+        height, width = label_HW.shape
+        box = self._random_crop_box(height, width)
+        if self.cat_max_ratio >= 1.0:
+            return box
+        for _ in range(self.max_crop_tries):
+            top, bottom, left, right = box
+            crop = label_HW[top:bottom, left:right]
+            counts = torch.bincount(crop[crop != self.ignore_index].reshape(-1))
+            counts = counts[counts > 0]
+            if len(counts) > 1 and counts.max().item() / counts.sum().item() < self.cat_max_ratio:
+                break
+            box = self._random_crop_box(height, width)
+        return box
+
+    def __call__(self, image: Image.Image | np.ndarray, label: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        image_3HW, label_HW = _to_tensors(image, label)
+        size = rescale_size(*label_HW.shape, self._random_scale())
+        image_3HW, label_HW = resize_image(image_3HW, size), resize_label(label_HW, size)
+
+        top, bottom, left, right = self._crop_box(label_HW)
+        image_3HW, label_HW = image_3HW[:, top:bottom, left:right], label_HW[top:bottom, left:right]
+
+        if torch.rand(()).item() < self.flip_prob:
+            image_3HW, label_HW = image_3HW.flip(-1), label_HW.flip(-1)
+        if self.photometric is not None:
+            image_3HW = self.photometric(image_3HW)
+        image_3HW = normalize_image(image_3HW, self.mean, self.std)
+
+        pad_h = self.crop_size[0] - image_3HW.shape[1]
+        pad_w = self.crop_size[1] - image_3HW.shape[2]
+        if pad_h > 0 or pad_w > 0:  # pad bottom/right, as mmseg's Pad(size=crop_size)
+            image_3HW = F.pad(image_3HW, (0, max(pad_w, 0), 0, max(pad_h, 0)), value=0.0)
+            label_HW = F.pad(label_HW, (0, max(pad_w, 0), 0, max(pad_h, 0)), value=self.ignore_index)
+        return image_3HW.contiguous(), label_HW.contiguous()
+
+
+class SegEvalTransform:
+    """mmseg's ADE20K test pipeline: Resize(img_scale=base_scale, keep_ratio=True) (short side 512 for usual
+    aspect ratios) and Normalize. The label stays at its original size; upsample logits to it before scoring."""
+
+    def __init__(
+        self,
+        base_scale: tuple[int, int] = (2048, 512),
+        mean: Sequence[float] = IMAGENET_MEAN_255,
+        std: Sequence[float] = IMAGENET_STD_255,
+    ) -> None:
+        self.base_scale = (int(base_scale[0]), int(base_scale[1]))
+        self.mean, self.std = mean, std
+
+    def __call__(self, image: Image.Image | np.ndarray, label: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        image_3HW, label_HW = _to_tensors(image, label)
+        image_3HW = resize_image(image_3HW, rescale_size(*label_HW.shape, self.base_scale))
+        return normalize_image(image_3HW, self.mean, self.std).contiguous(), label_HW
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Head, schedule, inference
+# --------------------------------------------------------------------------------------------------------------
+
+
+def resize_concat(feature_maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """mmseg ``input_transform='resize_concat'``: resize every (B, C_i, h_i, w_i) map to the first one's size
+    (bilinear) and concatenate along channels (for the 'last 4 blocks' variant)."""
+    size = feature_maps[0].shape[-2:]
+    resized = [
+        fm if fm.shape[-2:] == size else F.interpolate(fm, size=size, mode="bilinear", align_corners=False)
+        for fm in feature_maps
+    ]
+    return torch.cat(resized, dim=1)
+
+
+class LinearSegHead(nn.Module):
+    """BatchNorm2d + 1x1 conv on a (B, C, h, w) patch-feature map (mmseg ``BNHead`` of DINOv2's linear
+    protocol).
+
+    DINOv2's linear configs use ``dropout_ratio=0``, hence the default; ``dropout`` > 0 adds mmseg's Dropout2d
+    before the conv. Under DDP convert the BN with ``nn.SyncBatchNorm.convert_sync_batchnorm`` (DINOv2 uses
+    SyncBN).
+    """
+
+    def __init__(self, in_dim: int, num_classes: int = NUM_CLASSES, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.in_dim = in_dim
+        self.num_classes = num_classes
+        self.bn = nn.BatchNorm2d(in_dim)
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.conv = nn.Conv2d(in_dim, num_classes, kernel_size=1)
+        nn.init.normal_(self.conv.weight, mean=0.0, std=0.01)  # mmseg's conv_seg init
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, feats_BChw: torch.Tensor, out_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Logits (B, num_classes, *out_size), bilinearly upsampled (align_corners=False) when given."""
+        logits = self.conv(self.dropout(self.bn(feats_BChw)))
+        if out_size is not None and tuple(logits.shape[-2:]) != tuple(out_size):
+            logits = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
+        return logits
+
+
+def poly_lr(
+    step: int,
+    total: int,
+    base_lr: float,
+    warmup_iters: int = 1500,
+    warmup_ratio: float = 1e-6,
+    power: float = 1.0,
+    min_lr: float = 0.0,
+) -> float:
+    """mmseg/mmcv ``PolyLrUpdaterHook`` with linear warm-up, for iteration ``step`` (0-based) of ``total``.
+
+    ``lr = (base_lr - min_lr) * (1 - step / total) ** power + min_lr``; during the first ``warmup_iters`` steps it
+    is multiplied by ``1 - (1 - step / warmup_iters) * (1 - warmup_ratio)``, rising from ``warmup_ratio``.
+    """
+    if total <= 0:
+        raise ValueError(f"total must be positive, got {total}")
+    progress = min(max(step, 0), total)
+    lr = (base_lr - min_lr) * (1.0 - progress / total) ** power + min_lr
+    if warmup_iters > 0 and step < warmup_iters:
+        k = (1.0 - step / warmup_iters) * (1.0 - warmup_ratio)
+        lr = lr * (1.0 - k)
+    return lr
+
+
+def _slide_windows(size: int, crop: int, stride: int) -> list[tuple[int, int]]:
+    """mmseg window starts/ends along one axis: a grid of ``stride``, last window clamped to the image end; a
+    dimension smaller than ``crop`` gets a single window covering it."""
+    num_grids = max(size - crop + stride - 1, 0) // stride + 1
+    windows = []
+    for idx in range(num_grids):
+        end = min(idx * stride + crop, size)
+        windows.append((max(end - crop, 0), end))
+    return windows
+
+
+@torch.no_grad()
+def slide_inference(
+    predict_fn: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    num_classes: int,
+    crop: int | tuple[int, int] = 512,
+    stride: int | tuple[int, int] = 341,
+    windows_per_batch: int = 1,
+) -> torch.Tensor:
+    """mmseg sliding-window inference: logits (B, num_classes, H, W) for an image batch (B, 3, H, W).
+
+    ``predict_fn`` maps a (b, 3, h, w) crop batch to (b, num_classes, h, w) logits (the head upsamples to its
+    input size). Windows lie on a ``stride`` grid clamped to the image; where the image is smaller than the crop
+    the window shrinks to the image (so the backbone must accept that size, e.g. by padding to its patch size).
+    Overlapping logits are averaged with a count map. All windows share one size, so ``windows_per_batch``
+    windows go through ``predict_fn`` together.
+    """
+    crop_h, crop_w = _pair(crop)
+    stride_h, stride_w = _pair(stride)
+    if stride_h <= 0 or stride_w <= 0:
+        raise ValueError(f"stride must be positive, got {stride}")
+    batch_size, _, height, width = image.shape
+    boxes = [
+        (top, bottom, left, right)
+        for top, bottom in _slide_windows(height, crop_h, stride_h)
+        for left, right in _slide_windows(width, crop_w, stride_w)
+    ]
+    logits_sum = None
+    count_HW = image.new_zeros((height, width))
+    for first in range(0, len(boxes), max(windows_per_batch, 1)):
+        chunk = boxes[first : first + max(windows_per_batch, 1)]
+        crops = torch.cat([image[:, :, t:b, l:r] for t, b, l, r in chunk], dim=0)
+        crop_logits = predict_fn(crops)
+        if crop_logits.shape[1] != num_classes or crop_logits.shape[-2:] != crops.shape[-2:]:
+            raise ValueError(
+                f"predict_fn returned {tuple(crop_logits.shape)} for crops {tuple(crops.shape)}; expected "
+                f"(b, {num_classes}, h, w) at the crop size"
+            )
+        if logits_sum is None:
+            logits_sum = crop_logits.new_zeros((batch_size, num_classes, height, width))
+        for i, (t, b, l, r) in enumerate(chunk):
+            logits_sum[:, :, t:b, l:r] += crop_logits[i * batch_size : (i + 1) * batch_size]
+            count_HW[t:b, l:r] += 1
+    return logits_sum / count_HW.to(logits_sum.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------------------------
+
+
+class ConfusionMatrix:
+    """Pixel confusion matrix (rows = ground truth, columns = prediction) accumulated on device.
+
+    ``compute`` follows mmseg's ``eval_metrics``: per-class IoU = TP / (GT + pred - TP), NaN for a class absent
+    from both ground truth and predictions; per-class accuracy = TP / GT, NaN for a class absent from the
+    ground truth; mIoU and mAcc are NaN-means, aAcc = sum TP / sum GT. Pixels labelled ``ignore_index`` are
+    skipped whatever their prediction.
+    """
+
+    def __init__(
+        self, num_classes: int = NUM_CLASSES, ignore_index: int = IGNORE_INDEX, device: torch.device | str = "cpu"
+    ) -> None:
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.matrix = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=device)
+
+    @torch.no_grad()
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """Add a batch: ``pred`` class indices (or (B, C, H, W) logits) and ``target`` labels of the same shape."""
+        if pred.ndim == target.ndim + 1:
+            pred = pred.argmax(dim=1)
+        if pred.shape != target.shape:
+            raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+        pred = pred.to(self.matrix.device).reshape(-1).long()
+        target = target.to(self.matrix.device).reshape(-1).long()
+        valid = target != self.ignore_index
+        pred, target = pred[valid], target[valid]
+        num = self.num_classes
+        # bincount synchronises with the device anyway, so this check is free.
+        if ((pred < 0) | (pred >= num) | (target < 0) | (target >= num)).any():
+            raise ValueError(
+                f"labels or predictions outside [0, {num}) (other than ignore_index={self.ignore_index})"
+            )
+        self.matrix += torch.bincount(target * num + pred, minlength=num * num).view(num, num)
+
+    def reset(self) -> None:
+        self.matrix.zero_()
+
+    def all_reduce(self) -> "ConfusionMatrix":
+        """Sum the matrices of all ranks in place (no-op without a process group)."""
+        distributed.all_reduce_sum(self.matrix)
+        return self
+
+    def compute(self) -> dict[str, float | list[float]]:
+        """mIoU, aAcc, mAcc (fractions) and the per-class ``IoU`` and ``Acc`` lists (NaN where undefined)."""
+        matrix = self.matrix.double().cpu()
+        intersect = matrix.diag()
+        area_label = matrix.sum(dim=1)
+        area_pred = matrix.sum(dim=0)
+        union = area_label + area_pred - intersect
+        nan = torch.full_like(intersect, math.nan)
+        iou = torch.where(union > 0, intersect / union.clamp_min(1), nan)
+        acc = torch.where(area_label > 0, intersect / area_label.clamp_min(1), nan)
+        total = area_label.sum()
+        return {
+            "mIoU": _nanmean(iou),
+            "aAcc": (intersect.sum() / total).item() if total > 0 else math.nan,
+            "mAcc": _nanmean(acc),
+            "IoU": iou.tolist(),
+            "Acc": acc.tolist(),
+        }
+
+
+def _nanmean(values: torch.Tensor) -> float:
+    finite = values[~torch.isnan(values)]
+    return finite.mean().item() if finite.numel() else math.nan
