@@ -1,0 +1,48 @@
+"""Training entry point.
+
+    torchrun --nproc_per_node N main_unic.py [--config unic/configs/<preset>.yaml] [key=value ...]
+
+With no argument it trains the embedded demo (small student, two small random teachers, generated data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from teachers import CheckpointFormatError, TeacherWeightsError
+from unic import distributed
+from unic.config import ConfigError, load_config
+
+logger = logging.getLogger("main_unic")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML preset (only what differs from the defaults)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4 data.root=/imagenet")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    trainer = None
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from unic.train.loop import Trainer
+
+        trainer = Trainer(cfg)
+        trainer.train()
+    except (ConfigError, TeacherWeightsError, CheckpointFormatError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if trainer is not None:
+            trainer.close()
+        distributed.destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

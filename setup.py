@@ -1,0 +1,39 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="unic",
+    version="0.1.0",
+    description="Universal image encoders: multi-teacher distillation (UNIC) and margin-loss domain heads (UDON)",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["unic", "unic.*", "teachers", "teachers.*", "eval_transfer", "eval_dense"]),
+    py_modules=["main_unic"],
+    package_data={"unic": ["configs/*.yaml"]},
+    install_requires=[
+        "torch>=2.1,<=2.14.1",
+        "torchvision>=0.16,<=0.29.1",
+        "timm>=1.0.9",
+        "open_clip_torch>=2.24",
+        "einops>=0.7",
+        "omegaconf>=2.3",
+        "tensorboard>=2.14",
+        "faiss-cpu>=1.8",
+        "pillow>=10.0",
+        "scikit-learn>=1.3",
+        "tqdm>=4.66",
+        "optuna>=3.5",
+        "safetensors>=0.4",
+        "matplotlib>=3.7",
+        "numpy>=1.24",
+    ],
+    extras_require={
+        "gpu": ["faiss-gpu-cu12>=1.8"],
+        "dev": ["pytest>=7.4", "pytest-timeout>=2.2"],
+    },
+    entry_points={
+        "console_scripts": [
+            "unic-train=main_unic:main",
+        ],
+    },
+)

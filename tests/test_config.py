@@ -1,0 +1,71 @@
+"""Configuration loading and the clear errors users get for bad input."""
+
+import os
+
+import pytest
+import yaml
+
+from tests.conftest import run_entry, tiny_overrides
+from unic.config import ConfigError, load_config
+
+
+def test_defaults_are_the_demo_and_overrides_merge(tmp_path):
+    cfg = load_config()
+    assert cfg.data.dataset == "demo" and len(cfg.teachers.names) == 2
+    preset = tmp_path / "p.yaml"
+    preset.write_text("optim:\n  lr: 0.5\nstudent:\n  arch: vit_small_patch16_224\n")
+    cfg = load_config(str(preset), ["optim.lr=0.25", "teachers.weights.toy_vit_p16_d96=/w.pth"])
+    assert cfg.optim.lr == 0.25 and cfg.student.arch == "vit_small_patch16_224"
+    assert cfg.teachers.weights.toy_vit_p16_d96 == "/w.pth"
+
+
+def test_presets_load():
+    folder = os.path.join(os.path.dirname(os.path.dirname(__file__)), "unic", "configs")
+    presets = [f for f in os.listdir(folder) if f.endswith(".yaml")]
+    assert presets
+    for name in presets:
+        load_config(os.path.join(folder, name))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.lrr=1"], "unknown config key 'optim.lrr'.*did you mean 'optim.lr'"),
+    (["optim.lr=fast"], "invalid value for 'optim.lr'"),
+    (["data.batch_size_per_gpu=-2"], "must be > 0"),
+    (["data.dataset=coco"], "choose one of"),
+    (["loss.drop_prob=1.5"], "must be in \\[0, 1\\]"),
+    (["teachers.names=[]"], "at least one teacher"),
+    (["teachers.names=[a,a]"], "twice"),
+    (["teachers.weights.other=x"], "not in 'teachers.names'"),
+    (["optim.betas=[0.9]"], "two numbers"),
+    (["novalue"], "key=value"),
+])
+def test_bad_overrides(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_bad_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: [unclosed\n")
+    with pytest.raises(ConfigError, match="cannot parse"):
+        load_config(str(bad))
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("trian:\n  seed: 1\n")
+    with pytest.raises(ConfigError, match="unknown config key 'trian'.*did you mean 'train'"):
+        load_config(str(unknown))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["optim.lrr=1"], "unknown config key"),
+    (["data.root=/does/not/exist", "data.dataset=imagenet"], "data.root not found"),
+    (["teachers.names=[dino_vitb16]", "teachers.weights_dir=/nowhere"], "dino_vitbase16_pretrain.pth"),
+])
+def test_entry_point_fails_cleanly_before_creating_output(tmp_path, demo_root, extra, message):
+    out = tmp_path / "run"
+    result = run_entry(["main_unic.py", *tiny_overrides(demo_root, str(out)), *extra], timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and message.split(".*")[0] in error_lines[0]
+    assert not out.exists()

@@ -1,0 +1,104 @@
+"""Datasets, demo generation, deterministic sampling and corrupt-image handling."""
+
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from unic.data.demo import DEMO_DOMAINS, ensure_demo_data
+from unic.data.folders import ImageListDataset, image_folder_dataset
+from unic.data.sampling import GlobalBatchSampler, ShardSampler
+from unic.data.transforms import eval_transform, unic_train_transform
+from unic.data.uned import read_info_file, uned_dataset
+
+
+def test_demo_set_layout_and_idempotence(demo_root):
+    for domain in DEMO_DOMAINS:
+        for split in ("train", "val", "test"):
+            entries = read_info_file(demo_root, domain, split)
+            assert entries and all(os.path.isfile(p) for p, _ in entries[:5])
+    before = os.path.getmtime(os.path.join(demo_root, "DEMO_COMPLETE"))
+    assert ensure_demo_data(demo_root) == demo_root
+    assert os.path.getmtime(os.path.join(demo_root, "DEMO_COMPLETE")) == before
+
+
+def test_demo_refuses_foreign_folder(tmp_path):
+    (tmp_path / "mine.txt").write_text("precious")
+    with pytest.raises(FileExistsError):
+        ensure_demo_data(str(tmp_path))
+    assert (tmp_path / "mine.txt").read_text() == "precious"
+
+
+def test_uned_dataset_items_and_domains(demo_root):
+    ds = uned_dataset(demo_root, "val", ["digits", "blobs"], eval_transform(32))
+    item = ds[0]
+    assert item["image"].shape == (3, 32, 32) and item["skipped"] == 0
+    assert ds.domain_names == ["digits", "blobs"]
+    assert {d for _, _, d in ds.samples} == {0, 1}
+
+
+def test_uned_errors(tmp_path, demo_root):
+    with pytest.raises(FileNotFoundError, match="missing split 'index'"):
+        read_info_file(demo_root, "digits", "index")
+    root = tmp_path / "uned"
+    (root / "info_files" / "x").mkdir(parents=True)
+    (root / "images").mkdir()
+    (root / "info_files" / "x" / "train.json").write_text(json.dumps([{"path": "../../etc/passwd", "class_id": 0}]))
+    with pytest.raises(ValueError, match="escapes"):
+        read_info_file(str(root), "x", "train")
+    (root / "info_files" / "x" / "train.json").write_text(json.dumps([{"path": "a.jpg"}]))
+    with pytest.raises(ValueError, match="class_id"):
+        read_info_file(str(root), "x", "train")
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path):
+    root = tmp_path / "train"
+    (root / "cat").mkdir(parents=True)
+    (root / "dog").mkdir()
+    Image.new("RGB", (40, 30), (255, 0, 0)).save(root / "cat" / "a.jpg")
+    (root / "cat" / "b.jpg").write_bytes(b"this is not a jpeg")
+    (root / "dog" / "c.png").write_bytes(b"")
+    Image.new("RGBA", (20, 20), (0, 255, 0, 128)).save(root / "dog" / "d.png")
+    Image.new("P", (20, 20)).save(root / "dog" / "e.png")
+    ds = image_folder_dataset(str(root), eval_transform(16))
+    assert ds.classes == ["cat", "dog"] and len(ds) == 5
+    items = [ds[i] for i in range(len(ds))]
+    assert [it["skipped"] for it in items] == [0, 2, 1, 0, 0]  # b.jpg and c.png are both passed over
+    assert all(it["image"].shape == (3, 16, 16) for it in items)
+    bad = ImageListDataset([(str(root / "cat" / "b.jpg"), [0], 0)], eval_transform(16))
+    with pytest.raises(RuntimeError, match="consecutive unreadable"):
+        bad[0]
+
+
+def test_seeded_augmentation_depends_only_on_the_key(demo_root):
+    ds = uned_dataset(demo_root, "train", ["shapes"], unic_train_transform(32))
+    torch.manual_seed(1)
+    a = ds[(3, 12345)]["image"]
+    torch.manual_seed(2)
+    b = ds[(3, 12345)]["image"]
+    c = ds[(3, 54321)]["image"]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    state = torch.get_rng_state()
+    ds[(4, 1)]
+    assert torch.equal(state, torch.get_rng_state())  # the global RNG is left untouched
+
+
+def test_global_batch_sampler_is_world_size_independent():
+    single = list(GlobalBatchSampler(50, 8, 0, 1, seed=3))
+    ranks = [list(GlobalBatchSampler(50, 8, r, 2, seed=3)) for r in range(2)]
+    assert len(single) == 6
+    for step in range(6):
+        assert single[step] == ranks[0][step] + ranks[1][step]
+    resumed = GlobalBatchSampler(50, 8, 0, 1, seed=3)
+    resumed.set_position(0, 4)
+    assert list(resumed) == single[4:]
+    other_epoch = GlobalBatchSampler(50, 8, 0, 1, seed=3)
+    other_epoch.set_position(1)
+    assert list(other_epoch) != single
+
+
+def test_shard_sampler_concatenates_to_dataset_order():
+    shards = [list(ShardSampler(11, r, 3)) for r in range(3)]
+    assert sum(shards, []) == list(range(11))

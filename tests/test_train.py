@@ -1,0 +1,115 @@
+"""End-to-end training runs: the demo entry point, exact resume after a kill, 2-process DDP = 1 process."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import timm
+import torch
+
+from tests.conftest import REPO, run_entry, tiny_overrides
+
+import unic
+from unic.train.checkpoint import load_checkpoint
+
+
+def _metrics(out_dir, split="train"):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["split"] == split]
+
+
+def test_demo_entry_point_end_to_end(tmp_path, demo_root):
+    out = tmp_path / "run"
+    result = run_entry(["main_unic.py", *tiny_overrides(demo_root, str(out))])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "img/s" in result.stdout and "ETA" in result.stdout
+    assert "validation at step" in result.stdout and str(out / "checkpoint.pth") in result.stdout
+    for name in ("checkpoint.pth", "student.pth", "config.yaml", "metrics.jsonl", "log.txt"):
+        assert (out / name).is_file(), name
+    assert glob.glob(str(out / "tensorboard" / "events.out.tfevents.*"))
+    train = _metrics(out)
+    assert train and {"loss", "lr", "wd", "grad_norm", "images_per_s", "data_time_s", "memory_gb"} <= set(train[-1])
+    assert any(k.startswith("kept/") for k in train[-1]) and any(k.endswith("/patch") for k in train[-1])
+    val = _metrics(out, "val")
+    assert val and 0.0 <= val[-1]["knn20_top1"] <= 1.0 and val[-1]["loss"] > 0
+    assert train[-1]["loss"] < train[0]["loss"]
+
+    # the checkpoint loads weights-only and the student comes back from both files
+    ckpt = load_checkpoint(str(out / "checkpoint.pth"))
+    assert ckpt["format"] == "unic-train" and ckpt["step"] == len(train) * 2 or ckpt["step"] > 0
+    x = torch.randn(2, 3, 32, 32)
+    a = unic.load_student(str(out / "checkpoint.pth"))
+    b = unic.load_student(str(out / "student.pth"))
+    assert not a.training
+    torch.testing.assert_close(a.forward_features(x), b.forward_features(x))
+    # the exported student loads into plain timm
+    plain = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=True, num_classes=0, img_size=32, patch_size=8, embed_dim=32,
+        depth=2, num_heads=2, pretrained_cfg_overlay=dict(file=str(out / "student.pth")),
+    ).eval()
+    torch.testing.assert_close(plain.forward_features(x), b.forward_features(x))
+
+
+def _final_weights(out_dir):
+    return load_checkpoint(os.path.join(out_dir, "checkpoint.pth"))["model"]
+
+
+def test_resume_after_kill_is_exact(tmp_path, demo_root):
+    straight = tmp_path / "straight"
+    overrides = dict(**{"train.validate": False, "loss.drop_prob": 0.5, "student.drop_path": 0.1})
+    result = run_entry(["main_unic.py", *tiny_overrides(demo_root, str(straight), **overrides)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    total = load_checkpoint(str(straight / "checkpoint.pth"))["step"]
+
+    killed = tmp_path / "killed"
+    args = tiny_overrides(demo_root, str(killed), **overrides, **{"train.save_every": 2, "train.keep_checkpoints": 2})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "main_unic.py", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def reached_half():
+        steps = [int(p[-12:-4]) for p in glob.glob(str(killed / "checkpoint_step*.pth"))]
+        return steps and max(steps) >= total // 2
+
+    deadline = time.time() + 240
+    while not reached_half() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step_at_kill = load_checkpoint(str(killed / "checkpoint.pth"))["step"]
+    assert step_at_kill < total, "the run finished before it could be killed"
+
+    result = run_entry(["main_unic.py", *args])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {killed / 'checkpoint.pth'} at step {step_at_kill}" in result.stdout
+    a, b = _final_weights(straight), _final_weights(killed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # periodic checkpoints are pruned to keep_checkpoints
+    assert len(glob.glob(str(killed / "checkpoint_step*.pth"))) == 2
+
+
+def test_two_process_ddp_matches_one_process(tmp_path, demo_root):
+    common = {"train.validate": True, "loss.drop_prob": 0.5, "train.log_every": 1, "train.max_steps": 6}
+    one = tmp_path / "one"
+    result = run_entry(["main_unic.py", *tiny_overrides(demo_root, str(one), **common, **{"data.batch_size_per_gpu": 16})])
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = tmp_path / "two"
+    result = run_entry(["main_unic.py", *tiny_overrides(demo_root, str(two), **common, **{"data.batch_size_per_gpu": 8})],
+                       nproc=2)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    m1, m2 = _metrics(one), _metrics(two)
+    assert len(m1) == len(m2) == 6
+    for r1, r2 in zip(m1, m2):
+        assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-4, abs=1e-6)
+        for key in r1:
+            if key.startswith("kept/"):
+                assert r2[key] == pytest.approx(r1[key], abs=1e-6)
+    w1, w2 = _final_weights(one), _final_weights(two)
+    for key in w1:
+        torch.testing.assert_close(w1[key], w2[key], rtol=1e-3, atol=1e-5)

@@ -1,0 +1,223 @@
+"""Configuration schema, loading and validation.
+
+Merge order (as dinov2's ``get_cfg_from_args``): schema defaults <- ``--config file.yaml`` <- ``key=value``
+dotlist. The schema defaults are the embedded demo, so ``python main_unic.py`` runs with no argument;
+presets in ``unic/configs/`` hold only what differs. Unknown keys and bad types fail before any work with
+a message naming the key (and the closest valid key).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration: reported as one line, exit code 2."""
+
+
+@dataclass(kw_only=True)
+class StudentConfig:
+    arch: str = "vit_tiny_patch16_224"  # any timm VisionTransformer name
+    kwargs: dict[str, Any] = field(
+        default_factory=lambda: {"patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 4}
+    )  # extra timm constructor arguments (custom widths/depths); stored in checkpoints
+    img_size: int = 64
+    drop_path: float = 0.1
+    pretrained: Optional[str] = None  # checkpoint to initialise the student from (timm or UNIC file)
+
+
+@dataclass(kw_only=True)
+class LadderConfig:
+    blocks: Optional[list[int]] = None  # block indices that feed the ladder; None = all blocks
+    hidden_dim: int = 768  # hidden width of every projector but the last block's (UNIC)
+    last_hidden_dim: int = 3072  # hidden width of the last block's projector (UNIC)
+
+
+@dataclass(kw_only=True)
+class TeachersConfig:
+    names: list[str] = field(default_factory=lambda: ["toy_vit_p16_d96", "toy_vit_p14_d48"])
+    weights_dir: str = "~/.cache/unic/teachers"  # registry default file names are looked up here
+    # per-teacher source: a file path, "hub" (download by the registry's hub name) or "random" (debug only);
+    # unlisted teachers use <weights_dir>/<registry file name> (the toy demo teachers are random)
+    weights: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    dataset: str = "demo"  # demo | imagenet | uned
+    root: str = "~/.cache/unic/demo"  # demo: generated here on first use
+    domains: list[str] = field(default_factory=list)  # uned/demo: domains to use (empty = all)
+    train_split: str = "train"
+    val_split: str = "val"
+    batch_size_per_gpu: int = 64
+    num_workers: int = 2
+    knn_train_fraction: float = 1.0  # fraction of the train split used as the kNN bank at validation
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    epochs: int = 4
+    warmup_epochs: float = 1.0
+    lr: float = 1e-3  # for a global batch of 256, scaled linearly with the global batch
+    min_lr: float = 1e-6
+    weight_decay: float = 0.03
+    weight_decay_end: float = 0.03
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    clip_grad: float = 0.0  # global grad-norm clipping; 0 disables it
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    lam_cos: float = 0.5
+    lam_sl1: float = 0.5
+    drop_prob: float = 0.5  # teacher dropping probability p
+    std_momentum_start: float = 1.0  # teacher standardisation EMA momentum, cosine start -> end
+    std_momentum_end: float = 0.001
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    output_dir: str = "output/demo"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
+    log_every: int = 10  # steps between console/TensorBoard lines
+    save_every: int = 0  # steps between periodic checkpoints (0: epoch ends only)
+    keep_checkpoints: int = 1  # periodic checkpoint_stepN.pth files kept besides checkpoint.pth
+    resume: bool = True  # continue from output_dir/checkpoint.pth when it exists
+    validate: bool = True  # distillation loss + kNN top-1 on the val split each epoch
+    max_steps: int = 0  # stop after this many steps in total (0: run all epochs)
+    compile: bool = False  # torch.compile the student
+
+
+@dataclass(kw_only=True)
+class UnicConfig:
+    student: StudentConfig = field(default_factory=StudentConfig)
+    ladder: LadderConfig = field(default_factory=LadderConfig)
+    teachers: TeachersConfig = field(default_factory=TeachersConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+_CHOICES = {
+    "data.dataset": ("demo", "imagenet", "uned"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.precision": ("auto", "bf16", "fp16", "fp32"),
+}
+
+
+def _all_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for key in cfg.keys():
+        full = f"{prefix}{key}"
+        keys.append(full)
+        value = cfg._get_node(key)
+        if isinstance(value, DictConfig) and OmegaConf.get_type(value) not in (dict,):
+            keys.extend(_all_keys(value, full + "."))
+    return keys
+
+
+def _explain(err: OmegaConfBaseException, schema: DictConfig, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or ""
+    msg = str(err).splitlines()[0]
+    if isinstance(err, ConfigKeyError) and key:
+        close = difflib.get_close_matches(key, _all_keys(schema), n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return ConfigError(f"unknown config key '{key}' in {source}{hint}")
+    where = f"'{key}'" if key else "config"
+    return ConfigError(f"invalid value for {where} in {source}: {msg}")
+
+
+def _validate(cfg: DictConfig) -> None:
+    for key, choices in _CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"invalid value for '{key}': {value!r}; choose one of {', '.join(choices)}")
+    positive = [
+        "student.img_size", "data.batch_size_per_gpu", "optim.epochs", "ladder.hidden_dim",
+        "ladder.last_hidden_dim", "train.log_every",
+    ]
+    for key in positive:
+        if OmegaConf.select(cfg, key) <= 0:
+            raise ConfigError(f"invalid value for '{key}': must be > 0, got {OmegaConf.select(cfg, key)}")
+    non_negative = [
+        "data.num_workers", "optim.warmup_epochs", "optim.lr", "optim.min_lr", "optim.weight_decay",
+        "optim.clip_grad", "train.save_every", "train.max_steps", "train.keep_checkpoints",
+        "student.drop_path",
+    ]
+    for key in non_negative:
+        if OmegaConf.select(cfg, key) < 0:
+            raise ConfigError(f"invalid value for '{key}': must be >= 0, got {OmegaConf.select(cfg, key)}")
+    for key in ("loss.drop_prob", "data.knn_train_fraction", "student.drop_path"):
+        value = OmegaConf.select(cfg, key)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"invalid value for '{key}': must be in [0, 1], got {value}")
+    if not 0.0 < cfg.data.knn_train_fraction:
+        raise ConfigError("invalid value for 'data.knn_train_fraction': must be > 0")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"invalid value for 'optim.betas': expected two numbers, got {list(cfg.optim.betas)}")
+    if not cfg.teachers.names:
+        raise ConfigError("'teachers.names' is empty: distillation needs at least one teacher")
+    if len(set(cfg.teachers.names)) != len(cfg.teachers.names):
+        raise ConfigError(f"'teachers.names' lists a teacher twice: {list(cfg.teachers.names)}")
+    unknown = set(cfg.teachers.weights) - set(cfg.teachers.names)
+    if unknown:
+        raise ConfigError(
+            f"'teachers.weights' names teachers that are not in 'teachers.names': {sorted(unknown)}"
+        )
+
+
+def load_config(config_file: str | None = None, overrides: list[str] | None = None, schema=UnicConfig) -> DictConfig:
+    """Build the run configuration: schema defaults <- YAML file <- ``key=value`` overrides."""
+    base = OmegaConf.structured(schema)
+    cfg = base
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise ConfigError(f"config file not found: {config_file}")
+        try:
+            file_cfg = OmegaConf.load(config_file)
+        except Exception as err:  # YAML syntax errors
+            raise ConfigError(f"cannot parse config file {config_file}: {str(err).splitlines()[0]}") from None
+        try:
+            cfg = OmegaConf.merge(cfg, file_cfg)
+        except OmegaConfBaseException as err:
+            raise _explain(err, base, config_file) from None
+    if overrides:
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override '{item}' is not of the form key=value")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        except OmegaConfBaseException as err:
+            raise _explain(err, base, "command-line overrides") from None
+    _validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def to_plain(cfg: DictConfig) -> dict:
+    """The resolved config as plain Python data (stored in checkpoints, no pickled objects)."""
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def from_plain(data: dict, schema=UnicConfig) -> DictConfig:
+    """Rebuild a validated config from the plain dict stored in a checkpoint."""
+    try:
+        return OmegaConf.merge(OmegaConf.structured(schema), data)
+    except OmegaConfBaseException as err:
+        raise _explain(err, OmegaConf.structured(schema), "checkpoint config") from None
+
+
+def save_config(cfg: DictConfig, path: str) -> None:
+    with open(path, "w") as f:
+        f.write(OmegaConf.to_yaml(cfg, resolve=True))

@@ -1,0 +1,116 @@
+"""Distributed helpers that also work before (or without) ``init_process_group``.
+
+They read torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), pick nccl on CUDA and gloo on
+CPU, and degrade to rank 0 / world 1 when no process group exists, so the same code runs under
+``python`` and ``torchrun``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+def is_enabled() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_enabled() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_enabled() else 1
+
+
+def get_local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> torch.device:
+    """Initialise the process group when launched by torchrun and return this rank's device.
+
+    ``device``: "auto" (CUDA when available), "cpu" or "cuda".
+    """
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda was requested but CUDA is not available")
+    if use_cuda:
+        torch.cuda.set_device(get_local_rank())
+        torch_device = torch.device("cuda", get_local_rank())
+    else:
+        torch_device = torch.device("cpu")
+    if launched_by_torchrun() and not is_enabled():
+        backend = "nccl" if use_cuda else "gloo"
+        dist.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=torch_device if use_cuda else None,
+        )
+        logger.info("initialised %s process group: rank %d / %d", backend, get_rank(), get_world_size())
+    return torch_device
+
+
+def destroy_distributed() -> None:
+    if is_enabled():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_enabled():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (no-op on a single process); returns the tensor."""
+    if is_enabled():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place mean over ranks; returns the tensor."""
+    if is_enabled():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor /= get_world_size()
+    return tensor
+
+
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate along dim 0 the tensors of all ranks; sizes may differ between ranks."""
+    if not is_enabled():
+        return tensor
+    world = get_world_size()
+    local_n = torch.tensor([tensor.shape[0]], device=tensor.device, dtype=torch.long)
+    sizes = [torch.zeros_like(local_n) for _ in range(world)]
+    dist.all_gather(sizes, local_n)
+    sizes_list = [int(s.item()) for s in sizes]
+    max_n = max(sizes_list)
+    padded = tensor.new_zeros((max_n, *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[:n] for g, n in zip(gathered, sizes_list)], dim=0)
+
+
+def broadcast_object(obj, src: int = 0):
+    """Send a picklable Python object from ``src`` to every rank (control data only, never tensors)."""
+    if not is_enabled():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]

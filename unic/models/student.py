@@ -1,0 +1,65 @@
+"""The student: a plain timm VisionTransformer built by name, with per-block token taps."""
+
+from __future__ import annotations
+
+import logging
+
+import timm
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+def build_student(arch: str, img_size: int, drop_path: float = 0.0, kwargs: dict | None = None) -> nn.Module:
+    """A timm ViT without classifier, ``dynamic_img_size`` so other resolutions work at evaluation."""
+    if not timm.is_model(arch):
+        raise ValueError(f"student.arch: timm has no model '{arch}'")
+    model = timm.create_model(
+        arch, pretrained=False, num_classes=0, img_size=img_size, drop_path_rate=drop_path,
+        dynamic_img_size=True, **(kwargs or {}),
+    )
+    if not hasattr(model, "forward_intermediates") or not hasattr(model, "num_prefix_tokens"):
+        raise ValueError(f"student.arch '{arch}' is not a ViT with token outputs")
+    return model
+
+
+def student_taps(model: nn.Module, images_BCHW: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(cls (B, D), patch (B, N, D)) after every block; the last block's tokens are final-normed.
+
+    Intermediate taps are the raw block outputs (the ladder learns its own scaling); register tokens are
+    skipped. The last tap is exactly the backbone output used at evaluation.
+    """
+    final_BLD, intermediates = model.forward_intermediates(
+        images_BCHW, indices=None, norm=False, output_fmt="NLC", return_prefix_tokens=True
+    )
+    taps = [(prefix[:, 0], spatial) for spatial, prefix in intermediates[:-1]]
+    taps.append((final_BLD[:, 0], final_BLD[:, model.num_prefix_tokens:]))
+    return taps
+
+
+def backbone_embedding(model: nn.Module, images_BCHW: torch.Tensor) -> torch.Tensor:
+    """The final-normed cls token (B, D): the student's image descriptor."""
+    return model.forward_features(images_BCHW)[:, 0]
+
+
+def load_student(path: str, device: str = "cpu") -> nn.Module:
+    """Rebuild the student backbone from a training checkpoint or an exported ``student.pth``."""
+    from unic.train.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    fmt = ckpt.get("format")
+    if fmt == "unic-train":
+        student = ckpt["config"]["student"]
+        arch, kwargs, img_size = student["arch"], student["kwargs"], student["img_size"]
+        state = {k[len("backbone."):]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")}
+    elif fmt == "unic-student":
+        arch, kwargs, img_size, state = ckpt["arch"], ckpt["model_kwargs"], ckpt["img_size"], ckpt["state_dict"]
+    else:
+        raise ValueError(
+            f"{path} is not a UNIC checkpoint (no 'format' of unic-train or unic-student); plain timm files "
+            "load with timm.create_model(arch, pretrained_cfg_overlay=dict(file=path))"
+        )
+    model = build_student(arch, img_size, 0.0, dict(kwargs))
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval()

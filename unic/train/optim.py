@@ -1,0 +1,39 @@
+"""AdamW parameter groups and per-iteration schedules (precomputed, as dinov2)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: decayed weights, and biases / norms / 1-D parameters without weight decay."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "apply_wd": True},
+        {"params": no_decay, "weight_decay": 0.0, "apply_wd": False},
+    ]
+
+
+def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: int = 0,
+                    warmup_start: float = 0.0) -> np.ndarray:
+    """Linear warm-up from ``warmup_start`` to ``base``, then cosine from ``base`` to ``final``."""
+    warmup_steps = min(warmup_steps, total_steps)
+    warm = np.linspace(warmup_start, base, warmup_steps, endpoint=False)
+    steps = np.arange(total_steps - warmup_steps)
+    cos = final + 0.5 * (base - final) * (1 + np.cos(math.pi * steps / max(len(steps), 1)))
+    return np.concatenate([warm, cos])
+
+
+def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        if group.get("apply_wd", True):
+            group["weight_decay"] = weight_decay
