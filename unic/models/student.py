@@ -43,23 +43,28 @@ def backbone_embedding(model: nn.Module, images_BCHW: torch.Tensor) -> torch.Ten
     return model.forward_features(images_BCHW)[:, 0]
 
 
-def load_student(path: str, device: str = "cpu") -> nn.Module:
-    """Rebuild the student backbone from a training checkpoint or an exported ``student.pth``."""
-    from unic.train.checkpoint import load_checkpoint
-
-    ckpt = load_checkpoint(path)
+def backbone_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> nn.Module:
+    """The student backbone stored in a loaded UNIC file (training checkpoint, student or universal export)."""
     fmt = ckpt.get("format")
     if fmt == "unic-train":
         student = ckpt["config"]["student"]
         arch, kwargs, img_size = student["arch"], student["kwargs"], student["img_size"]
         state = {k[len("backbone."):]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")}
-    elif fmt == "unic-student":
+    elif fmt in ("unic-student", "unic-universal"):
         arch, kwargs, img_size, state = ckpt["arch"], ckpt["model_kwargs"], ckpt["img_size"], ckpt["state_dict"]
     else:
         raise ValueError(
-            f"{path} is not a UNIC checkpoint (no 'format' of unic-train or unic-student); plain timm files "
-            "load with timm.create_model(arch, pretrained_cfg_overlay=dict(file=path))"
+            f"{source} is not a UNIC checkpoint (format {fmt!r}, expected unic-train, unic-student or "
+            "unic-universal); plain timm files load with timm.create_model(arch, pretrained_cfg_overlay=dict(file=path))"
         )
     model = build_student(arch, img_size, 0.0, dict(kwargs))
     model.load_state_dict(state, strict=True)
-    return model.to(device).eval()
+    model.unic_img_size = img_size
+    return model.eval()
+
+
+def load_student(path: str, device: str = "cpu") -> nn.Module:
+    """Rebuild the student backbone from a training checkpoint or an exported ``student.pth``."""
+    from unic.train.checkpoint import load_checkpoint
+
+    return backbone_from_checkpoint(load_checkpoint(path), path).to(device)

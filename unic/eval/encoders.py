@@ -1,0 +1,157 @@
+"""Image encoders for every evaluation: UNIC checkpoints and timm / open_clip baselines behind one interface.
+
+``load_encoder(source, embedding)`` accepts
+- a UNIC training checkpoint (``checkpoint.pth``), an exported student (``student.pth``) or an exported
+  universal model (``universal.pth``); ``embedding`` picks the descriptor: ``backbone`` (final-normed cls),
+  ``universal`` (UDON universal projection), ``domain:<name>`` (that domain's teacher head, the oracle row
+  UDON reports) or ``auto`` (universal when the file has one, else backbone);
+- ``timm:<model>[.<tag>]`` (hub weights, or ``weights=<file>``) and ``open_clip:<model>:<tag>`` (image
+  embedding of the CLIP model), so baselines run through the same code.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unic.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+
+class Encoder(nn.Module):
+    """images (B, 3, H, W), normalised with ``mean``/``std`` -> descriptors (B, D) (not L2-normalised)."""
+
+    def __init__(self, backbone: nn.Module, kind: str, img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 head: nn.Module | None = None, name: str = ""):
+        super().__init__()
+        self.backbone, self.head, self.kind = backbone, head, kind
+        self.img_size, self.mean, self.std, self.name = img_size, tuple(mean), tuple(std), name
+        self.eval().requires_grad_(False)
+
+    @property
+    def is_vit(self) -> bool:
+        return hasattr(self.backbone, "forward_intermediates")
+
+    def forward(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        if self.kind == "open_clip":
+            return self.backbone(images_BCHW)
+        cls_BD = self.backbone.forward_head(self.backbone.forward_features(images_BCHW), pre_logits=True)
+        if self.head is None:
+            return cls_BD
+        # UDON: heads act on the L2-normalised backbone feature and their outputs are L2-normalised
+        return F.normalize(self.head(F.normalize(cls_BD.float(), dim=-1)), dim=-1)
+
+    def patch_features(self, images_BCHW: torch.Tensor, num_last_blocks: int = 1) -> torch.Tensor:
+        """Final-normed patch tokens of the last ``num_last_blocks`` blocks as one (B, n*D, h, w) map."""
+        if not self.is_vit:
+            raise ValueError(f"{self.name} has no patch tokens (dense evaluation needs a ViT backbone)")
+        maps = self.backbone.forward_intermediates(
+            images_BCHW, indices=num_last_blocks, norm=True, output_fmt="NCHW", intermediates_only=True
+        )
+        return torch.cat(maps, dim=1)
+
+    @property
+    def patch_size(self) -> int:
+        return self.backbone.patch_embed.patch_size[0]
+
+    @property
+    def embed_dim(self) -> int:
+        return self.backbone.embed_dim
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0])
+    layer.load_state_dict({"weight": weight, "bias": bias})
+    return layer
+
+
+def _unic_heads(ckpt: dict) -> tuple[dict | None, dict[str, dict]]:
+    """(universal {weight, bias} or None, {domain: {weight, bias}}) from a training or universal file."""
+    if ckpt.get("format") == "unic-universal":
+        return ckpt.get("universal"), dict(ckpt.get("teacher_heads", {}))
+    model = ckpt.get("model", {})
+    universal = None
+    if "udon.universal.weight" in model:
+        universal = {"weight": model["udon.universal.weight"], "bias": model["udon.universal.bias"]}
+    heads: dict[str, dict] = {}
+    prefix = "udon.teacher_heads."
+    for key, value in model.items():
+        if key.startswith(prefix):
+            domain, param = key[len(prefix):].rsplit(".", 1)
+            heads.setdefault(domain, {})[param] = value
+    return universal, heads
+
+
+def _from_unic_file(path: str, embedding: str) -> Encoder:
+    from unic.models.student import backbone_from_checkpoint
+    from unic.train.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    backbone = backbone_from_checkpoint(ckpt, path)
+    img_size = backbone.unic_img_size
+    universal, heads = _unic_heads(ckpt)
+    if embedding == "auto":
+        embedding = "universal" if universal is not None else "backbone"
+    head = None
+    if embedding == "universal":
+        if universal is None:
+            raise ValueError(f"{path} has no universal embedding (train with UDON heads, or use embedding=backbone)")
+        head = _linear(universal["weight"], universal["bias"])
+    elif embedding.startswith("domain:"):
+        domain = embedding[len("domain:"):]
+        if domain not in heads:
+            raise ValueError(f"{path} has no teacher head for domain '{domain}' (has: {sorted(heads)})")
+        head = _linear(heads[domain]["weight"], heads[domain]["bias"])
+    elif embedding != "backbone":
+        raise ValueError(f"unknown embedding '{embedding}': auto, backbone, universal or domain:<name>")
+    return Encoder(backbone, embedding, img_size, head=head, name=f"{path}:{embedding}")
+
+
+def _from_timm(name: str, weights: str | None) -> Encoder:
+    import timm
+
+    model_name = name[len("timm:"):]
+    kwargs = {"num_classes": 0}
+    if weights:
+        model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(file=weights), **kwargs)
+    else:
+        model = timm.create_model(model_name, pretrained=True, **kwargs)
+    cfg = model.pretrained_cfg
+    return Encoder(model, "backbone", int(cfg["input_size"][-1]), cfg.get("mean", IMAGENET_MEAN),
+                   cfg.get("std", IMAGENET_STD), name=name)
+
+
+class _OpenClipImage(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(images)
+
+
+def _from_open_clip(name: str, weights: str | None) -> Encoder:
+    import open_clip
+
+    parts = name.split(":")
+    if len(parts) not in (2, 3):
+        raise ValueError(f"expected open_clip:<model>[:<tag>], got {name}")
+    pretrained = weights or (parts[2] if len(parts) == 3 else None)
+    model = open_clip.create_model(parts[1], pretrained=pretrained)
+    visual = model.visual
+    size = visual.image_size
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    mean = getattr(visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)
+    std = getattr(visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)
+    return Encoder(_OpenClipImage(model), "open_clip", size, mean, std, name=name)
+
+
+def load_encoder(source: str, embedding: str = "auto", weights: str | None = None, device="cpu") -> Encoder:
+    """An eval-mode :class:`Encoder` for a UNIC file, ``timm:<model>`` or ``open_clip:<model>:<tag>``."""
+    if source.startswith("timm:"):
+        encoder = _from_timm(source, weights)
+    elif source.startswith("open_clip:"):
+        encoder = _from_open_clip(source, weights)
+    else:
+        encoder = _from_unic_file(source, embedding)
+    return encoder.to(device).eval()
