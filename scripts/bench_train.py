@@ -53,16 +53,19 @@ def main() -> None:
     trainer = Trainer(cfg)
     device = trainer.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    loader = torch.utils.data.DataLoader(trainer.train_set, batch_sampler=trainer.sampler,
-                                         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
-    needed = args.warmup + args.steps + 1
-    batches, it = [], iter(loader)
-    while len(batches) < min(needed, trainer.steps_per_epoch):
-        batches.append(next(it)["image"].to(device))
+    # batches are fetched up front: the benchmark times the training step, not the data pipeline
+    batches = []
+    trainer.batches.start(0)
+    for _ in range(min(args.warmup + args.steps + 1, trainer.steps_per_epoch)):
+        domain, batch = trainer.batches.next()
+        labels = batch["label"].to(device) if domain is not None else None
+        batches.append((batch["image"].to(device), domain, labels))
+    trainer.batches.close()
 
     def step(i: int) -> None:
         trainer.step = i % trainer.total_steps
-        trainer.train_step(batches[i % len(batches)], measure=False)
+        images, domain, labels = batches[i % len(batches)]
+        trainer.train_step(images, False, domain, labels)
 
     for i in range(args.warmup):
         step(i)

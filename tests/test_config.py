@@ -59,7 +59,7 @@ def test_bad_config_files(tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     (["optim.lrr=1"], "unknown config key"),
-    (["data.root=/does/not/exist", "data.dataset=imagenet"], "data.root not found"),
+    (["data.root=/does/not/exist", "data.dataset=imagenet", "udon.enabled=false"], "data.root not found"),
     (["teachers.names=[dino_vitb16]", "teachers.weights_dir=/nowhere"], "dino_vitbase16_pretrain.pth"),
 ])
 def test_entry_point_fails_cleanly_before_creating_output(tmp_path, demo_root, extra, message):

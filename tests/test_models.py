@@ -4,7 +4,7 @@ import pytest
 import timm
 import torch
 
-from unic.models.ladder import Ladder, StudentWithLadder
+from unic.models.ladder import Ladder, UnicModel
 from unic.models.student import build_student, student_taps
 from unic.models.teacher import FrozenTeacher
 
@@ -33,11 +33,13 @@ def test_ladder_shapes_widths_and_gradient_to_every_parameter():
     backbone = build_student("vit_tiny_patch16_224", 32, 0.1, TINY)
     ladder = Ladder(32, 3, {"x": 12, "y": 7}, blocks=None, hidden_dim=16, last_hidden_dim=40)
     assert [p[0].out_features for p in ladder.projectors["x"]["cls"]] == [16, 16, 40]
-    model = StudentWithLadder(backbone, ladder).train()
-    out = model(torch.randn(4, 3, 32, 32))
+    model = UnicModel(backbone, ladder, torch.nn.Linear(32, 5)).train()
+    full = model(torch.randn(4, 3, 32, 32))
+    assert full["universal_raw"].shape == (4, 5) and full["cls"].shape == (4, 32)
+    out = full["preds"]
     assert out["x"]["cls"].shape == (4, 12) and out["x"]["patch"].shape == (4, 16, 12)
     assert out["y"]["cls"].shape == (4, 7) and out["y"]["patch"].shape == (4, 16, 7)
-    loss = sum(v.square().mean() for t in out.values() for v in t.values())
+    loss = sum(v.square().mean() for t in out.values() for v in t.values()) + full["universal_raw"].sum()
     loss.backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert no_grad == []

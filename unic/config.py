@@ -51,6 +51,38 @@ class TeachersConfig:
 
 
 @dataclass(kw_only=True)
+class HeadsConfig:
+    """Margin head of the UDON domain classifiers (SPEC section 5); unset values take the head's default."""
+
+    name: str = "normface"
+    s: Optional[float] = None
+    m: Optional[float] = None
+    k: Optional[int] = None  # sub-centres per class
+    easy_margin: Optional[bool] = None
+    m_min: Optional[float] = None  # dynm_arcface
+    m_max: Optional[float] = None
+    h: Optional[float] = None  # adaface
+    alpha: Optional[float] = None  # adaface
+
+
+@dataclass(kw_only=True)
+class UdonConfig:
+    """Universal embedding with per-domain teacher heads distilled online (UDON, SPEC section 6)."""
+
+    enabled: bool = True
+    teacher_dim: int = 256
+    universal_dim: int = 64
+    temperature: float = 0.1  # tau of the KL term
+    relational_weight: float = 32.0  # c of the relational term
+    head_lr: float = 1e-3  # constant lr of heads, projections and classifiers
+    head_weight_decay: float = 1e-6
+    backbone_lr_scale: Optional[float] = None  # backbone lr = head_lr * scale (UDON: 0.01); None: optim.lr
+    freeze_backbone_epochs: float = 0.0  # backbone not updated for this many epochs (UDON: 2)
+    sampling: str = "dynamic"  # dynamic | round_robin | size | uniform
+    update_every: int = 20  # steps between dynamic probability updates (UDON: 1000)
+
+
+@dataclass(kw_only=True)
 class DataConfig:
     dataset: str = "demo"  # demo | imagenet | uned
     root: str = "~/.cache/unic/demo"  # demo: generated here on first use
@@ -72,10 +104,13 @@ class OptimConfig:
     weight_decay_end: float = 0.03
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     clip_grad: float = 0.0  # global grad-norm clipping; 0 disables it
+    scale_lr: bool = True  # lr given for a global batch of 256 and scaled linearly
 
 
 @dataclass(kw_only=True)
 class LossConfig:
+    w_distill: float = 1.0  # weight of the UNIC distillation loss (0: no generic teachers)
+    w_udon: float = 1.0  # weight of the UDON loss (used when udon.enabled)
     lam_cos: float = 0.5
     lam_sl1: float = 0.5
     drop_prob: float = 0.5  # teacher dropping probability p
@@ -93,7 +128,8 @@ class TrainConfig:
     save_every: int = 0  # steps between periodic checkpoints (0: epoch ends only)
     keep_checkpoints: int = 1  # periodic checkpoint_stepN.pth files kept besides checkpoint.pth
     resume: bool = True  # continue from output_dir/checkpoint.pth when it exists
-    validate: bool = True  # distillation loss + kNN top-1 on the val split each epoch
+    validate: bool = True  # distillation loss + kNN top-1 (+ universal R@1) on the val split each epoch
+    validate_first: bool = False  # also validate the untrained model before the first step
     max_steps: int = 0  # stop after this many steps in total (0: run all epochs)
     compile: bool = False  # torch.compile the student
 
@@ -106,6 +142,8 @@ class UnicConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    udon: UdonConfig = field(default_factory=UdonConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -113,7 +151,13 @@ _CHOICES = {
     "data.dataset": ("demo", "imagenet", "uned"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
+    "udon.sampling": ("dynamic", "round_robin", "size", "uniform"),
 }
+
+
+def head_options(cfg: DictConfig) -> dict:
+    """The margin-head keyword arguments the user set (unset ones keep the head's defaults)."""
+    return {k: v for k, v in cfg.heads.items() if k != "name" and v is not None}
 
 
 def _all_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
@@ -166,8 +210,34 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError("invalid value for 'data.knn_train_fraction': must be > 0")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"invalid value for 'optim.betas': expected two numbers, got {list(cfg.optim.betas)}")
+    for key in ("udon.teacher_dim", "udon.universal_dim", "udon.temperature", "udon.update_every"):
+        if OmegaConf.select(cfg, key) <= 0:
+            raise ConfigError(f"invalid value for '{key}': must be > 0, got {OmegaConf.select(cfg, key)}")
+    for key in ("loss.w_distill", "loss.w_udon", "udon.head_lr", "udon.relational_weight",
+                "udon.freeze_backbone_epochs", "udon.head_weight_decay"):
+        if OmegaConf.select(cfg, key) < 0:
+            raise ConfigError(f"invalid value for '{key}': must be >= 0, got {OmegaConf.select(cfg, key)}")
+    distill = cfg.loss.w_distill > 0
+    udon = cfg.udon.enabled and cfg.loss.w_udon > 0
+    if not distill and not udon:
+        raise ConfigError("nothing to train: loss.w_distill is 0 and UDON is off (udon.enabled / loss.w_udon)")
+    if udon:
+        from unic.models.heads import MARGIN_HEADS, head_kwargs
+
+        if cfg.heads.name not in MARGIN_HEADS:
+            raise ConfigError(f"invalid value for 'heads.name': {cfg.heads.name!r}; choose one of {', '.join(MARGIN_HEADS)}")
+        accepted = set(head_kwargs(cfg.heads.name)) - {"class_counts"}
+        for key in head_options(cfg):
+            if key not in accepted:
+                raise ConfigError(f"'heads.{key}' does not apply to heads.name={cfg.heads.name} "
+                                  f"(it takes: {', '.join(sorted(accepted)) or 'no option'})")
+        if cfg.data.dataset == "imagenet":
+            raise ConfigError("UDON needs labelled domains in the UnED layout (data.dataset=uned or demo); "
+                              "set udon.enabled=false for ImageNet distillation")
+    if not distill:
+        return
     if not cfg.teachers.names:
-        raise ConfigError("'teachers.names' is empty: distillation needs at least one teacher")
+        raise ConfigError("'teachers.names' is empty: distillation needs at least one teacher (or loss.w_distill=0)")
     if len(set(cfg.teachers.names)) != len(cfg.teachers.names):
         raise ConfigError(f"'teachers.names' lists a teacher twice: {list(cfg.teachers.names)}")
     unknown = set(cfg.teachers.weights) - set(cfg.teachers.names)

@@ -60,3 +60,104 @@ class ShardSampler(Sampler):
 
     def __iter__(self):
         return iter(self.indices)
+
+
+class DomainBatchSampler(Sampler):
+    """Endless batches of one domain: pass ``p`` is a permutation seeded by (seed, domain, p); each batch takes
+    the next ``global_batch`` positions (a pass's remainder is dropped) and this rank its contiguous slice.
+
+    ``start_batch`` (batches of this domain already consumed) resumes the stream exactly.
+    """
+
+    def __init__(self, num_samples: int, global_batch: int, rank: int, world_size: int, seed: int,
+                 domain_index: int, start_batch: int = 0, offset: int = 0):
+        if num_samples < global_batch:
+            raise ValueError(f"domain {domain_index} has {num_samples} samples, fewer than one global batch ({global_batch})")
+        self.num_samples, self.global_batch = num_samples, global_batch
+        self.rank, self.local_batch = rank, global_batch // world_size
+        self.seed, self.domain_index, self.start_batch = seed, domain_index, start_batch
+        self.offset = offset  # index of this domain's first sample in the concatenated dataset
+        self.batches_per_pass = num_samples // global_batch
+
+    def __len__(self) -> int:  # endless; DataLoader only needs it for its own bookkeeping
+        return 2**62
+
+    def __iter__(self):
+        batch = self.start_batch
+        while True:
+            pass_index, in_pass = divmod(batch, self.batches_per_pass)
+            key = (self.seed * _SEED_MULT + self.domain_index) * _SEED_MULT + pass_index
+            order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(key)).tolist()
+            base_seed = key * (self.num_samples + 1)
+            for b in range(in_pass, self.batches_per_pass):
+                start = b * self.global_batch + self.rank * self.local_batch
+                yield [(self.offset + order[pos], (base_seed + pos) % (2**63))
+                       for pos in range(start, start + self.local_batch)]
+            batch = (pass_index + 1) * self.batches_per_pass
+
+
+class DomainSampler:
+    """Draws one domain per step, the same on every rank (seeded generator, all-reduced losses).
+
+    Strategies: ``round_robin``; ``size`` (p proportional to train-set size); ``uniform``; ``dynamic``
+    (UDON): round-robin until the first update, then every ``update_every`` steps p_d is set proportional
+    to the mean teacher CE of domain d over the steps since the last update (a fixed window); domains not
+    drawn in that window keep their previous p and the drawn ones share the remaining mass.
+    Losses are accumulated on ``device`` without host synchronisation and reduced over ranks at updates.
+    """
+
+    def __init__(self, sizes: list[int], strategy: str = "dynamic", update_every: int = 1000, seed: int = 0,
+                 device: torch.device | str = "cpu"):
+        self.num_domains = len(sizes)
+        self.strategy, self.update_every = strategy, update_every
+        self.generator = torch.Generator().manual_seed(seed * _SEED_MULT + 7)
+        if strategy == "size":
+            self.probs = torch.tensor(sizes, dtype=torch.float64) / float(sum(sizes))
+        else:
+            self.probs = torch.full((self.num_domains,), 1.0 / self.num_domains, dtype=torch.float64)
+        self.step = 0
+        self.updated = False
+        self.window_sum = torch.zeros(self.num_domains, dtype=torch.float64, device=device)
+        self.window_count = torch.zeros(self.num_domains, dtype=torch.float64)
+
+    def next_domain(self) -> int:
+        if self.strategy == "round_robin" or (self.strategy == "dynamic" and not self.updated):
+            domain = self.step % self.num_domains
+        else:
+            domain = int(torch.multinomial(self.probs, 1, generator=self.generator).item())
+        self.step += 1
+        return domain
+
+    def record(self, domain: int, teacher_ce: torch.Tensor) -> None:
+        """Add a step's (local) teacher CE to the window; no host synchronisation."""
+        self.window_sum[domain] += teacher_ce.detach().to(self.window_sum)
+        self.window_count[domain] += 1
+
+    def maybe_update(self) -> bool:
+        """At the end of a window (every rank at the same step), apply the dynamic update."""
+        if self.strategy != "dynamic" or self.step % self.update_every:
+            return False
+        from unic import distributed
+
+        sums = distributed.all_reduce_mean(self.window_sum.clone()).cpu()
+        seen = self.window_count > 0
+        if seen.any():
+            mean_ce = torch.where(seen, sums / self.window_count.clamp_min(1), torch.zeros_like(sums)).clamp_min(1e-12)
+            free_mass = 1.0 - float(self.probs[~seen].sum())
+            self.probs = torch.where(seen, mean_ce * seen / (mean_ce * seen).sum() * free_mass, self.probs)
+            self.probs = self.probs / self.probs.sum()
+        self.updated = True
+        self.window_sum.zero_()
+        self.window_count.zero_()
+        return True
+
+    def state_dict(self) -> dict:
+        return {"probs": self.probs.clone(), "step": self.step, "updated": self.updated,
+                "window_sum": self.window_sum.cpu().clone(), "window_count": self.window_count.clone(),
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.probs, self.step, self.updated = state["probs"].clone(), int(state["step"]), bool(state["updated"])
+        self.window_sum.copy_(state["window_sum"])
+        self.window_count = state["window_count"].clone()
+        self.generator.set_state(state["generator"])

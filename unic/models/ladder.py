@@ -63,15 +63,28 @@ class Ladder(nn.Module):
         return out
 
 
-class StudentWithLadder(nn.Module):
-    """The trainable part (wrapped in DDP): backbone + ladder, images -> per-teacher predictions."""
+class UnicModel(nn.Module):
+    """The trainable part wrapped in DDP: backbone, ladder (UNIC) and universal projection (UDON).
 
-    def __init__(self, backbone: nn.Module, ladder: Ladder):
+    ``forward(images)`` returns ``cls`` (the final-normed cls token), ``preds`` (ladder predictions per
+    teacher, when distilling) and ``universal_raw`` (the unnormalised universal projection, with UDON).
+    """
+
+    def __init__(self, backbone: nn.Module, ladder: Ladder | None = None, universal: nn.Module | None = None):
         super().__init__()
         self.backbone = backbone
         self.ladder = ladder
+        self.udon = nn.Module()
+        self.udon.universal = universal
 
-    def forward(self, images_BCHW: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+    def forward(self, images_BCHW: torch.Tensor) -> dict:
         from unic.models.student import student_taps
+        from unic.models.universal import udon_embeddings
 
-        return self.ladder(student_taps(self.backbone, images_BCHW))
+        taps = student_taps(self.backbone, images_BCHW)
+        out = {"cls": taps[-1][0]}
+        if self.ladder is not None:
+            out["preds"] = self.ladder(taps)
+        if self.udon.universal is not None:
+            out["universal_raw"], _ = udon_embeddings(out["cls"], self.udon.universal)
+        return out

@@ -11,27 +11,30 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 
 from unic import distributed
 from unic.config import ConfigError, save_config, to_plain
 from unic.data.demo import ensure_demo_data
 from unic.data.folders import ImageListDataset, image_folder_dataset
-from unic.data.sampling import GlobalBatchSampler
-from unic.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, unic_train_transform
+from unic.config import head_options
+from unic.data.sampling import DomainSampler, GlobalBatchSampler
+from unic.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, udon_train_transform, unic_train_transform
 from unic.data.uned import uned_dataset
 from unic.eval.features import extract_features
-from unic.models.ladder import Ladder, StudentWithLadder
+from unic.models.ladder import Ladder, UnicModel
 from unic.models.student import backbone_embedding, build_student
 from unic.models.teacher import FrozenTeacher
 from unic.train import checkpoint as ckpt_lib
 from unic.train.logger import MetricsWriter, setup_logging
+from unic.models.universal import DomainHeads
+from unic.train.batches import DomainBatches, EpochBatches
 from unic.train.optim import apply_schedules, cosine_schedule, param_groups
 from unic.train.standardize import TeacherStandardizer
-from unic.train.task import DistillationTask
+from unic.train.task import UnicTask
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +53,15 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def build_datasets(cfg: DictConfig) -> tuple[ImageListDataset, ImageListDataset | None, ImageListDataset | None]:
-    """Train set (UNIC augmentations), val set and kNN bank (eval transforms) for the configured data."""
+def build_datasets(cfg: DictConfig, udon: bool) -> tuple[ImageListDataset, ImageListDataset | None, ImageListDataset | None]:
+    """Train set, val set and kNN bank (eval transforms) for the configured data.
+
+    Generic distillation uses the UNIC augmentations; with UDON the UDON crops and the UnED evaluation
+    resize (short side, centre crop).
+    """
     data, size = cfg.data, cfg.student.img_size
-    train_tf, val_tf = unic_train_transform(size), eval_transform(size)
+    train_tf = udon_train_transform(size) if udon else unic_train_transform(size)
+    val_tf = eval_transform(size, crop_ratio=1.0 if udon else 0.875)
     root = os.path.expanduser(data.root)
     if data.dataset == "demo":
         if distributed.is_main_process():
@@ -66,25 +74,30 @@ def build_datasets(cfg: DictConfig) -> tuple[ImageListDataset, ImageListDataset 
         train = image_folder_dataset(os.path.join(root, data.train_split), train_tf)
         val_dir = os.path.join(root, data.val_split)
         val = image_folder_dataset(val_dir, val_tf) if os.path.isdir(val_dir) else None
-        bank_samples = train.samples
     else:  # demo and uned share the UnED layout
         train = uned_dataset(root, data.train_split, data.domains or None, train_tf)
         try:
             val = uned_dataset(root, data.val_split, train.domain_names, val_tf)
         except FileNotFoundError:
             val = None
-        bank_samples = train.samples
     bank = None
     if val is not None:
         stride = max(1, round(1 / data.knn_train_fraction))
-        bank = ImageListDataset(bank_samples[::stride], val_tf, train.domain_names)
+        bank = ImageListDataset(train.samples[::stride], val_tf, train.domain_names)
     return train, val, bank
 
 
 def unique_labels(labels: torch.Tensor, domains: torch.Tensor) -> torch.Tensor:
     """Class ids made distinct across domains (UnED domains all count classes from 0)."""
-    key = domains.long() * (int(labels.max().item()) + 1) + labels.long()
-    return key
+    return domains.long() * (int(labels.max().item()) + 1) + labels.long()
+
+
+def domain_classes(dataset: ImageListDataset) -> list[list[int]]:
+    """Per domain, the sorted class ids of its train split (first label of each image)."""
+    classes: list[set] = [set() for _ in dataset.domain_names]
+    for _, labels, domain in dataset.samples:
+        classes[domain].add(int(labels[0]))
+    return [sorted(c) for c in classes]
 
 
 class Trainer:
@@ -99,13 +112,17 @@ class Trainer:
         if self.precision != "fp32" and self.device.type == "cpu" and cfg.train.precision != "auto":
             logger.warning("%s autocast on CPU is slow; fp32 is the CPU default", self.precision)
         seed_everything(cfg.train.seed)
+        self.distill = cfg.loss.w_distill > 0
+        self.udon = cfg.udon.enabled and cfg.loss.w_udon > 0
 
         # everything that can fail on user input is built before the output folder exists
-        self.train_set, self.val_set, self.knn_bank = build_datasets(cfg)
-        self.teachers = nn.ModuleDict({
-            name: FrozenTeacher(name, cfg.teachers.weights.get(name), cfg.teachers.weights_dir)
-            for name in sorted(cfg.teachers.names)
-        }).to(self.device)
+        self.train_set, self.val_set, self.knn_bank = build_datasets(cfg, self.udon)
+        self.teachers = None
+        if self.distill:
+            self.teachers = nn.ModuleDict({
+                name: FrozenTeacher(name, cfg.teachers.weights.get(name), cfg.teachers.weights_dir)
+                for name in sorted(cfg.teachers.names)
+            }).to(self.device)
         backbone = build_student(cfg.student.arch, cfg.student.img_size, cfg.student.drop_path, dict(cfg.student.kwargs))
         if cfg.student.pretrained:
             from teachers.convert import load_into
@@ -115,38 +132,86 @@ class Trainer:
         self.patch_size = backbone.patch_embed.patch_size[0]
         if cfg.student.img_size % self.patch_size:
             raise ConfigError(f"student.img_size {cfg.student.img_size} is not a multiple of the patch size {self.patch_size}")
-        teacher_dims = {name: t.embed_dim for name, t in self.teachers.items()}
-        ladder = Ladder(backbone.embed_dim, len(backbone.blocks), teacher_dims, cfg.ladder.blocks,
-                        cfg.ladder.hidden_dim, cfg.ladder.last_hidden_dim)
-        self.model = StudentWithLadder(backbone, ladder).to(self.device)
+        ladder = None
+        if self.distill:
+            teacher_dims = {name: t.embed_dim for name, t in self.teachers.items()}
+            ladder = Ladder(backbone.embed_dim, len(backbone.blocks), teacher_dims, cfg.ladder.blocks,
+                            cfg.ladder.hidden_dim, cfg.ladder.last_hidden_dim)
+        self.domain_heads, universal = None, None
+        self.domains = list(self.train_set.domain_names)
+        if self.udon:
+            universal = nn.Linear(backbone.embed_dim, cfg.udon.universal_dim)
+            classes = domain_classes(self.train_set)
+            counts = {d: [0] * len(classes[i]) for i, d in enumerate(self.domains)}
+            position = [{c: j for j, c in enumerate(cls)} for cls in classes]
+            for _, labels, d in self.train_set.samples:
+                counts[self.domains[d]][position[d][int(labels[0])]] += 1
+            self.domain_heads = DomainHeads(
+                backbone.embed_dim, {d: len(c) for d, c in zip(self.domains, classes)}, cfg.udon.teacher_dim,
+                cfg.udon.universal_dim, cfg.heads.name, head_options(cfg), counts,
+            ).to(self.device)
+            # raw class id -> classifier row, per domain (-1: not a train class)
+            self.label_maps = []
+            for cls in classes:
+                table = torch.full((max(cls) + 1,), -1, dtype=torch.long)
+                table[torch.tensor(cls)] = torch.arange(len(cls))
+                self.label_maps.append(table.to(self.device))
+        self.model = UnicModel(backbone, ladder, universal).to(self.device)
         # a different RNG stream per rank from here on (stochastic depth), identical weights above
         torch.manual_seed(cfg.train.seed + 1000 * self.rank)
         self.ddp_model = (
             DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             if self.world > 1 else self.model
         )
-        self.standardizer = TeacherStandardizer(teacher_dims).to(self.device)
+        self.standardizer = None
+        if self.distill:
+            self.standardizer = TeacherStandardizer({n: t.embed_dim for n, t in self.teachers.items()}).to(self.device)
 
         self.global_batch = cfg.data.batch_size_per_gpu * self.world
-        self.sampler = GlobalBatchSampler(len(self.train_set), self.global_batch, self.rank, self.world, cfg.train.seed)
-        self.steps_per_epoch = self.sampler.steps_per_epoch
+        pin = self.device.type == "cuda"
+        self.steps_per_epoch = len(self.train_set) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"the training set has {len(self.train_set)} images, fewer than one global batch "
+                              f"({self.global_batch})")
+        if self.udon:
+            self.domain_sampler = DomainSampler(
+                [sum(1 for _, _, d in self.train_set.samples if d == i) for i in range(len(self.domains))],
+                cfg.udon.sampling, cfg.udon.update_every, cfg.train.seed, self.device,
+            )
+            self.batches = DomainBatches(self.train_set, self.global_batch, self.rank, self.world, cfg.train.seed,
+                                         self.domain_sampler, cfg.data.num_workers, pin)
+        else:
+            sampler = GlobalBatchSampler(len(self.train_set), self.global_batch, self.rank, self.world, cfg.train.seed)
+            self.batches = EpochBatches(self.train_set, sampler, cfg.data.num_workers, pin)
         self.total_steps = cfg.optim.epochs * self.steps_per_epoch
         self.max_steps = min(cfg.train.max_steps or self.total_steps, self.total_steps)
+        self.freeze_steps = round(cfg.udon.freeze_backbone_epochs * self.steps_per_epoch) if self.udon else 0
 
-        lr = cfg.optim.lr * self.global_batch / 256
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.optim.weight_decay), lr=lr,
-                                           betas=tuple(cfg.optim.betas))
-        self.lr_schedule = cosine_schedule(lr, cfg.optim.min_lr, self.total_steps,
-                                           round(cfg.optim.warmup_epochs * self.steps_per_epoch))
+        lr = cfg.optim.lr * (self.global_batch / 256 if cfg.optim.scale_lr else 1.0)
+        backbone_lr = lr
+        if self.udon and cfg.udon.backbone_lr_scale is not None:
+            backbone_lr = cfg.udon.head_lr * cfg.udon.backbone_lr_scale
+        groups = param_groups(self.model.backbone, cfg.optim.weight_decay, "backbone")
+        if ladder is not None:
+            groups += param_groups(ladder, cfg.optim.weight_decay, "unic")
+        if self.udon:
+            groups += param_groups(self.model.udon, cfg.udon.head_weight_decay, "udon")
+            groups += param_groups(self.domain_heads, cfg.udon.head_weight_decay, "udon")
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.optim.betas))
+        warmup = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
+        self.lr_schedules = {
+            "backbone": cosine_schedule(backbone_lr, cfg.optim.min_lr, self.total_steps, warmup),
+            "unic": cosine_schedule(lr, cfg.optim.min_lr, self.total_steps, warmup),
+        }
         self.wd_schedule = cosine_schedule(cfg.optim.weight_decay, cfg.optim.weight_decay_end, self.total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.train.seed + 1)
-        mean = torch.tensor(IMAGENET_MEAN, device=self.device)
-        std = torch.tensor(IMAGENET_STD, device=self.device)
-        self.task = DistillationTask(
-            self.ddp_model, self.teachers, self.standardizer, self.patch_size, mean, std, self.total_steps,
-            cfg.loss.lam_cos, cfg.loss.lam_sl1, cfg.loss.drop_prob, cfg.loss.std_momentum_start,
-            cfg.loss.std_momentum_end, self.generator,
+        self.task = UnicTask(
+            self.ddp_model, self.total_steps, self.teachers, self.standardizer, self.domain_heads, self.patch_size,
+            torch.tensor(IMAGENET_MEAN, device=self.device), torch.tensor(IMAGENET_STD, device=self.device),
+            cfg.loss.w_distill, cfg.loss.w_udon, cfg.loss.lam_cos, cfg.loss.lam_sl1, cfg.loss.drop_prob,
+            cfg.loss.std_momentum_start, cfg.loss.std_momentum_end, cfg.udon.temperature,
+            cfg.udon.relational_weight, self.generator,
         )
         if cfg.train.compile:
             self.model.backbone.compile()
@@ -163,16 +228,30 @@ class Trainer:
         if cfg.train.resume and os.path.isfile(self.checkpoint_path):
             self.load(self.checkpoint_path)
         self.metrics = MetricsWriter(self.output_dir)
-        n_student = sum(p.numel() for p in self.model.backbone.parameters())
-        n_ladder = sum(p.numel() for p in self.model.ladder.parameters())
-        logger.info(
-            "student %s (%.2fM params) + ladder (%.2fM), teachers %s, %d images, global batch %d, %d steps "
-            "(%d per epoch), %s on %s x%d", cfg.student.arch, n_student / 1e6, n_ladder / 1e6,
-            ", ".join(self.teachers), len(self.train_set), self.global_batch, self.total_steps,
-            self.steps_per_epoch, self.precision, self.device.type, self.world,
-        )
+        self._log_setup()
+
+    def _log_setup(self) -> None:
+        cfg = self.cfg
+        count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
+        parts = [f"student {cfg.student.arch} ({count(self.model.backbone):.2f}M params)"]
+        if self.distill:
+            parts.append(f"ladder ({count(self.model.ladder):.2f}M), teachers {', '.join(self.teachers)}")
+        if self.udon:
+            memory = self.domain_heads.memory_report()
+            parts.append("UDON heads (%s; MB per domain with AdamW state: %s), sampling %s" % (
+                cfg.heads.name, ", ".join(f"{d} {mb:.1f}" for d, mb in memory.items()), cfg.udon.sampling))
+        logger.info("%s; %d images, global batch %d, %d steps (%d per epoch), %s on %s x%d", "; ".join(parts),
+                    len(self.train_set), self.global_batch, self.total_steps, self.steps_per_epoch, self.precision,
+                    self.device.type, self.world)
 
     # ------------------------------------------------------------------ state
+    def model_state(self) -> dict:
+        """Trainable state under one key space: backbone.*, ladder.*, udon.* (universal and domain heads)."""
+        state = dict(self.model.state_dict())
+        if self.domain_heads is not None:
+            state.update({f"udon.{k}": v for k, v in self.domain_heads.state_dict().items()})
+        return state
+
     def state_dict(self) -> dict:
         rng = ckpt_lib.rng_state()
         rngs = [None] * self.world
@@ -184,11 +263,13 @@ class Trainer:
             "format": "unic-train",
             "version": 1,
             "step": self.step,
-            "model": self.model.state_dict(),
+            "model": self.model_state(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "standardizer": self.standardizer.state_dict(),
+            "standardizer": self.standardizer.state_dict() if self.standardizer is not None else {},
             "generator": self.generator.get_state(),
+            "data": self.batches.state_dict(),
+            "domains": self.domains,
             "rng": rngs,
             "world_size": self.world,
             "skipped_images": self.skipped_images,
@@ -209,11 +290,17 @@ class Trainer:
         state = ckpt_lib.load_checkpoint(path)
         if state.get("format") != "unic-train":
             raise ValueError(f"{path} is not a UNIC training checkpoint")
-        self.model.load_state_dict(state["model"])
+        model = state["model"]
+        heads_prefix = ("udon.teacher_heads.", "udon.teacher_classifiers.", "udon.universal_classifiers.")
+        self.model.load_state_dict({k: v for k, v in model.items() if not k.startswith(heads_prefix)})
+        if self.domain_heads is not None:
+            self.domain_heads.load_state_dict({k[len("udon."):]: v for k, v in model.items() if k.startswith(heads_prefix)})
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        self.standardizer.load_state_dict(state["standardizer"])
+        if self.standardizer is not None:
+            self.standardizer.load_state_dict(state["standardizer"])
         self.generator.set_state(state["generator"])
+        self.batches.load_state_dict(state["data"])
         self.step = int(state["step"])
         self.skipped_images = int(state.get("skipped_images", 0))
         if state["world_size"] == self.world:
@@ -224,90 +311,129 @@ class Trainer:
             torch.manual_seed(self.cfg.train.seed + 1000 * self.rank + self.step)
         logger.info("resumed from %s at step %d", path, self.step)
 
-    def export_student(self) -> str:
-        path = os.path.join(self.output_dir, "student.pth")
+    def export(self) -> list[str]:
+        """``student.pth`` (plain timm backbone) and, with UDON, ``universal.pth`` (backbone + heads)."""
+        paths = [os.path.join(self.output_dir, "student.pth")]
         if self.rank == 0:
-            ckpt_lib.atomic_save(export_dict(self.model.backbone, self.cfg), path)
-        return path
+            ckpt_lib.atomic_save(export_dict(self.model.backbone, self.cfg), paths[0])
+        if self.udon:
+            paths.append(os.path.join(self.output_dir, "universal.pth"))
+            if self.rank == 0:
+                universal = export_dict(self.model.backbone, self.cfg)
+                linear = lambda m: {k: v.detach().cpu() for k, v in m.state_dict().items()}  # noqa: E731
+                universal.update({
+                    "format": "unic-universal",
+                    "universal": linear(self.model.udon.universal),
+                    "teacher_heads": {d: linear(h) for d, h in self.domain_heads.teacher_heads.items()},
+                    "domains": self.domains,
+                })
+                ckpt_lib.atomic_save(universal, paths[1])
+        return paths
 
     # ------------------------------------------------------------------ loop
     def autocast(self):
         dtype = AUTOCAST[self.precision]
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
-    def train_step(self, images: torch.Tensor, measure: bool) -> dict[str, torch.Tensor]:
-        apply_schedules(self.optimizer, float(self.lr_schedule[self.step]), float(self.wd_schedule[self.step]))
+    def train_step(self, images: torch.Tensor, measure: bool, domain: int | None = None,
+                   labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        cfg, step = self.cfg, self.step
+        wd = float(self.wd_schedule[step])
+        apply_schedules(self.optimizer, {
+            "backbone": (float(self.lr_schedules["backbone"][step]), wd),
+            "unic": (float(self.lr_schedules["unic"][step]), wd),
+            "udon": (cfg.udon.head_lr, cfg.udon.head_weight_decay),
+        })
         self.ddp_model.train()
-        self.standardizer.train()
+        for module in (self.standardizer, self.domain_heads):
+            if module is not None:
+                module.train()
+        name = None
+        if domain is not None:
+            name = self.domains[domain]
+            labels = self.label_maps[domain][labels]
         with self.autocast():
-            out = self.task(images, self.step)
+            out = self.task(images, step, domain=name, labels_B=labels)
         self.scaler.scale(out["loss"]).backward()
-        clip = self.cfg.optim.clip_grad
+        if name is not None:
+            self.domain_heads.sync_gradients(name)
+        if step < self.freeze_steps:  # frozen backbone: no update and no optimizer state
+            for p in self.model.backbone.parameters():
+                p.grad = None
+        clip = cfg.optim.clip_grad
         if clip > 0 or measure:
             self.scaler.unscale_(self.optimizer)
-            out["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
+            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            out["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        if name is not None:
+            self.domain_sampler.record(domain, out[f"udon/{name}/ce_teacher"])
         return {k: v.detach() for k, v in out.items()}
 
     def train(self) -> None:
         cfg = self.cfg
+        if cfg.train.validate_first and self.step == 0 and self.val_set is not None:
+            self.validate()
         sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
         window_steps, window_start, data_time = 0, time.perf_counter(), 0.0
         run_start, start_step = time.perf_counter(), self.step
-        while self.step < self.max_steps:
-            epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
-            self.sampler.set_position(epoch, in_epoch)
-            loader = DataLoader(
-                self.train_set, batch_sampler=self.sampler, num_workers=cfg.data.num_workers,
-                pin_memory=self.device.type == "cuda", generator=torch.Generator(),
-            )
-            fetch_start = time.perf_counter()
-            for batch in loader:
+        self.batches.start(self.step)
+        try:
+            while self.step < self.max_steps:
+                fetch_start = time.perf_counter()
+                domain, batch = self.batches.next()
                 data_time += time.perf_counter() - fetch_start
                 images = batch["image"].to(self.device, non_blocking=True)
+                labels = batch["label"].to(self.device, non_blocking=True) if domain is not None else None
                 measure = (self.step + 1) % cfg.train.log_every == 0
-                out = self.train_step(images, measure)
+                out = self.train_step(images, measure, domain, labels)
                 self.skipped_images += int(batch["skipped"].sum())
                 for key, value in out.items():
                     sums[key] = sums.get(key, 0.0) + value
+                    counts[key] = counts.get(key, 0) + 1
                 window_steps += 1
                 self.step += 1
+                if self.udon and self.domain_sampler.maybe_update():
+                    self.metrics.write(self.step, {f"p/{d}": float(p) for d, p in zip(self.domains, self.domain_sampler.probs)},
+                                       prefix="sampling")
                 if measure:
-                    self.log_window(sums, window_steps, time.perf_counter() - window_start, data_time,
+                    self.log_window(sums, counts, window_steps, time.perf_counter() - window_start, data_time,
                                     run_start, start_step)
-                    sums, window_steps, data_time, window_start = {}, 0, 0.0, time.perf_counter()
+                    sums, counts, window_steps, data_time, window_start = {}, {}, 0, 0.0, time.perf_counter()
                 if cfg.train.save_every and self.step % cfg.train.save_every == 0:
                     self.save(periodic=True)
-                fetch_start = time.perf_counter()
-                if self.step >= self.max_steps:
-                    break
-            if self.step % self.steps_per_epoch == 0:
-                if cfg.train.validate and self.val_set is not None:
-                    self.validate()
-                self.save()
-                self.export_student()
+                if self.step % self.steps_per_epoch == 0:
+                    if cfg.train.validate and self.val_set is not None:
+                        self.validate()
+                    self.save()
+                    self.export()
+        finally:
+            self.batches.close()
         if self.step % self.steps_per_epoch:  # stopped mid-epoch by train.max_steps
             self.save()
-        path = self.export_student()
+        paths = self.export()
         if self.rank == 0:
-            logger.info("done: %d steps; checkpoint %s, student %s, config %s, TensorBoard %s",
-                        self.step, self.checkpoint_path, path, os.path.join(self.output_dir, "config.yaml"),
+            logger.info("done: %d steps; checkpoint %s, exported %s, config %s, TensorBoard %s",
+                        self.step, self.checkpoint_path, ", ".join(paths), os.path.join(self.output_dir, "config.yaml"),
                         os.path.join(self.output_dir, "tensorboard"))
 
-    def log_window(self, sums, steps, elapsed, data_time, run_start, start_step) -> None:
+    def log_window(self, sums, counts, steps, elapsed, data_time, run_start, start_step) -> None:
         keys = sorted(k for k in sums if k != "grad_norm")
-        packed = torch.stack([sums[k].float() / steps for k in keys])
+        packed = torch.stack([sums[k].float() / counts[k] for k in keys])
         distributed.all_reduce_mean(packed)
         metrics = dict(zip(keys, packed.tolist()))
         metrics["grad_norm"] = float(sums["grad_norm"])
-        metrics["lr"] = float(self.lr_schedule[self.step - 1])
+        metrics["lr"] = float(self.lr_schedules["backbone"][self.step - 1])
         metrics["wd"] = float(self.wd_schedule[self.step - 1])
         metrics["images_per_s"] = steps * self.global_batch / elapsed
         metrics["data_time_s"] = data_time / steps
         metrics["step_time_s"] = elapsed / steps
         metrics["skipped_images"] = self.skipped_images
+        if self.udon:
+            metrics.update({f"p/{d}": float(p) for d, p in zip(self.domains, self.domain_sampler.probs)})
         if self.device.type == "cuda":
             metrics["memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         else:
@@ -325,42 +451,73 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Distillation loss without dropping on the val split, and weighted kNN top-1 of the student."""
+        """Distillation loss without dropping, weighted kNN top-1 of the backbone and, with UDON, the
+        universal embedding's leave-one-out R@1 per val domain."""
         from unic.eval.knn import weighted_knn
+        from unic.models.universal import udon_embeddings
 
         self.ddp_model.eval()
-        self.standardizer.eval()
-        backbone = self.model.backbone
+        for module in (self.standardizer, self.domain_heads):
+            if module is not None:
+                module.eval()
         dtype = AUTOCAST[self.precision]
         bs, workers = self.cfg.data.batch_size_per_gpu, self.cfg.data.num_workers
-
         loss_sum = torch.zeros(2, device=self.device)
 
         def encode(images: torch.Tensor) -> torch.Tensor:
-            out = self.task(images, None, drop=False, model=self.model)
-            loss_sum[0] += out["loss"].float() * images.shape[0]
-            loss_sum[1] += images.shape[0]
-            return torch.nn.functional.normalize(backbone_embedding(backbone, images).float(), dim=-1)
+            out = self.model(images)
+            feats = [F.normalize(out["cls"].float(), dim=-1)]
+            if self.distill:
+                loss = self.task(images, None, drop=False, model=self.model)["loss"]
+                loss_sum[0] += loss.float() * images.shape[0]
+                loss_sum[1] += images.shape[0]
+            if self.udon:
+                feats.append(udon_embeddings(out["cls"], self.model.udon.universal)[1])
+            return torch.cat(feats, dim=1)
+
+        def encode_backbone(images: torch.Tensor) -> torch.Tensor:
+            return F.normalize(backbone_embedding(self.model.backbone, images).float(), dim=-1)
 
         val = extract_features(encode, self.val_set, self.device, bs, workers, dtype, desc="val")
-        bank = extract_features(lambda x: torch.nn.functional.normalize(backbone_embedding(backbone, x).float(), dim=-1),
-                                self.knn_bank, self.device, bs, workers, dtype, desc="knn bank")
+        bank = extract_features(encode_backbone, self.knn_bank, self.device, bs, workers, dtype, desc="knn bank")
         distributed.all_reduce_sum(loss_sum)
+        dim = self.model.backbone.embed_dim
         labels = torch.cat([unique_labels(bank["labels"], bank["domains"]), unique_labels(val["labels"], val["domains"])])
         _, labels = torch.unique(labels, return_inverse=True)
         k = min(20, len(bank["labels"]))
-        knn = weighted_knn(bank["features"], labels[: len(bank["labels"])], val["features"],
+        knn = weighted_knn(bank["features"], labels[: len(bank["labels"])], val["features"][:, :dim],
                            labels[len(bank["labels"]):], ks=(k,))
-        metrics = {"loss": float(loss_sum[0] / loss_sum[1]), f"knn{k}_top1": float(knn[k]["top1"]),
-                   "skipped_images": int(val["skipped"] + bank["skipped"])}
+        metrics = {f"knn{k}_top1": float(knn[k]["top1"]), "skipped_images": int(val["skipped"] + bank["skipped"])}
+        if self.distill:
+            metrics["loss"] = float(loss_sum[0] / loss_sum[1])
+        if self.udon:
+            metrics.update(universal_recall(val["features"][:, dim:], val["labels"], val["domains"], self.domains))
         self.metrics.write(self.step, metrics, prefix="val")
-        logger.info("validation at step %d: loss %.4f, kNN(k=%d) top-1 %.4f", self.step, metrics["loss"], k,
-                    metrics[f"knn{k}_top1"])
+        logger.info("validation at step %d: %s", self.step,
+                    ", ".join(f"{key} {value:.4f}" for key, value in metrics.items() if key != "skipped_images"))
         return metrics
 
     def close(self) -> None:
         if hasattr(self, "metrics"):
             self.metrics.close()
+
+
+def universal_recall(feats: torch.Tensor, labels: torch.Tensor, domains: torch.Tensor, names: list[str]) -> dict[str, float]:
+    """Leave-one-out R@1 of each domain's val set in its own index (SPEC section 8, "separate")."""
+    from unic.eval.metrics import evaluate_uned
+
+    per_domain = {}
+    for d, name in enumerate(names):
+        mask = domains == d
+        if int(mask.sum()) >= 2:
+            per_domain[name] = {"val": (feats[mask].numpy(), labels[mask].numpy())}
+    if not per_domain:
+        return {}
+    results = evaluate_uned(per_domain, pairs={d: ("val", "val") for d in per_domain}, mode="separate",
+                            metrics=("R@1",), progress=False)
+    out = {f"universal_R@1/{d}": float(r["R@1"]) for d, r in results.items() if d != "average"}
+    out["universal_R@1"] = float(results["average"]["R@1"])
+    return out
 
 
 def _hms(seconds: float) -> str:

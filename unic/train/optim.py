@@ -9,17 +9,21 @@ import torch
 from torch import nn
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: decayed weights, and biases / norms / 1-D parameters without weight decay."""
+def param_groups(model: nn.Module, weight_decay: float, tag: str = "default") -> list[dict]:
+    """Two groups: decayed weights, and biases / norms / 1-D parameters without weight decay.
+
+    ``tag`` names the schedule the groups follow (see :func:`apply_schedules`).
+    """
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay, "apply_wd": True},
-        {"params": no_decay, "weight_decay": 0.0, "apply_wd": False},
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "apply_wd": True, "tag": tag},
+        {"params": no_decay, "weight_decay": 0.0, "apply_wd": False, "tag": tag},
     ]
+    return [g for g in groups if g["params"]]
 
 
 def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: int = 0,
@@ -32,8 +36,10 @@ def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: i
     return np.concatenate([warm, cos])
 
 
-def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+def apply_schedules(optimizer: torch.optim.Optimizer, values: dict[str, tuple[float, float]]) -> None:
+    """Set each group's (lr, weight decay) from ``values[tag]``; no-decay groups keep wd 0."""
     for group in optimizer.param_groups:
+        lr, weight_decay = values[group["tag"]]
         group["lr"] = lr
-        if group.get("apply_wd", True):
+        if group["apply_wd"]:
             group["weight_decay"] = weight_decay

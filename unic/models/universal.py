@@ -1,0 +1,67 @@
+"""UDON heads: per-domain teacher heads and classifiers, one universal projection (SPEC section 6).
+
+The universal projection gets a gradient every step and lives in the DDP-wrapped model; the per-domain
+modules get one only when their domain is drawn, so they stay outside DDP and their gradients are averaged
+across ranks by hand (every rank draws the same domain). Their optimizer state is only touched on steps of
+their domain (gradients of other domains stay ``None``, which AdamW skips).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unic import distributed
+from unic.models.heads import build_margin_head
+
+logger = logging.getLogger(__name__)
+
+
+class DomainHeads(nn.Module):
+    """For each domain d: teacher head Linear(D, 256) with classifier W^T_d and universal classifier W^U_d."""
+
+    def __init__(self, embed_dim: int, num_classes: dict[str, int], teacher_dim: int = 256,
+                 universal_dim: int = 64, head_name: str = "normface", head_kwargs: dict | None = None,
+                 class_counts: dict[str, list[int]] | None = None):
+        super().__init__()
+        self.domains = list(num_classes)
+        self.teacher_heads = nn.ModuleDict()
+        self.teacher_classifiers = nn.ModuleDict()
+        self.universal_classifiers = nn.ModuleDict()
+        for domain, classes in num_classes.items():
+            kw = dict(head_kwargs or {})
+            if head_name == "dynm_arcface":
+                kw["class_counts"] = class_counts[domain]
+            self.teacher_heads[domain] = nn.Linear(embed_dim, teacher_dim)
+            self.teacher_classifiers[domain] = build_margin_head(head_name, teacher_dim, classes, **kw)
+            self.universal_classifiers[domain] = build_margin_head(head_name, universal_dim, classes, **kw)
+
+    def domain_parameters(self, domain: str) -> list[nn.Parameter]:
+        return [p for m in (self.teacher_heads[domain], self.teacher_classifiers[domain],
+                            self.universal_classifiers[domain]) for p in m.parameters()]
+
+    def sync_gradients(self, domain: str) -> None:
+        """Average the drawn domain's gradients over ranks (one flat all-reduce)."""
+        if not distributed.is_enabled():
+            return
+        grads = [p.grad for p in self.domain_parameters(domain) if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        distributed.all_reduce_mean(flat)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def memory_report(self) -> dict[str, float]:
+        """MB per domain of weights + AdamW state (x3 in fp32), logged at start-up."""
+        return {d: 3 * sum(p.numel() * p.element_size() for p in self.domain_parameters(d)) / 2**20
+                for d in self.domains}
+
+
+def udon_embeddings(cls_BD: torch.Tensor, projection: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(unnormalised projection, L2-normalised embedding) of the L2-normalised backbone feature."""
+    raw = projection(F.normalize(cls_BD.float(), dim=-1))
+    return raw, F.normalize(raw, dim=-1)

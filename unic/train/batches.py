@@ -1,0 +1,90 @@
+"""Where training batches come from: epochs over one data set, or one domain per step (UDON)."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader
+
+from unic.data.folders import ImageListDataset
+from unic.data.sampling import DomainBatchSampler, DomainSampler, GlobalBatchSampler
+
+
+def _loader(dataset, batch_sampler, num_workers: int, pin: bool) -> DataLoader:
+    # a private generator keeps DataLoader start-up from consuming the global RNG (exact resume)
+    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers, pin_memory=pin,
+                      generator=torch.Generator(), persistent_workers=False)
+
+
+class EpochBatches:
+    """Global batches of a shuffled data set, epoch after epoch; the position is the global step."""
+
+    def __init__(self, dataset: ImageListDataset, sampler: GlobalBatchSampler, num_workers: int, pin: bool):
+        self.dataset, self.sampler, self.num_workers, self.pin = dataset, sampler, num_workers, pin
+        self.step, self._iter = 0, None
+
+    def start(self, step: int) -> None:
+        self.step, self._iter = step, None
+
+    def next(self) -> tuple[int | None, dict]:
+        if self._iter is None:
+            self.sampler.set_position(*divmod(self.step, self.sampler.steps_per_epoch))
+            self._iter = iter(_loader(self.dataset, self.sampler, self.num_workers, self.pin))
+        batch = next(self._iter)
+        self.step += 1
+        if self.step % self.sampler.steps_per_epoch == 0:
+            self._iter = None
+        return None, batch
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        self._iter = None
+
+
+class DomainBatches:
+    """One domain per step (the same on every rank), each domain an endless, resumable stream of batches."""
+
+    def __init__(self, dataset: ImageListDataset, global_batch: int, rank: int, world: int, seed: int,
+                 domain_sampler: DomainSampler, num_workers: int, pin: bool):
+        self.dataset, self.domain_sampler = dataset, domain_sampler
+        self.global_batch, self.rank, self.world, self.seed = global_batch, rank, world, seed
+        self.pin = pin
+        domains = [d for _, _, d in dataset.samples]
+        self.num_domains = len(dataset.domain_names)
+        self.offsets = [domains.index(d) for d in range(self.num_domains)]
+        self.sizes = [domains.count(d) for d in range(self.num_domains)]
+        # a few workers per domain stream; every stream prefetches independently of the draws
+        self.workers = max(1, num_workers // self.num_domains) if num_workers > 0 else 0
+        self.consumed = [0] * self.num_domains
+        self._iters: list = [None] * self.num_domains
+
+    def start(self, step: int) -> None:  # noqa: ARG002 - the position lives in the per-domain counters
+        self._iters = [None] * self.num_domains
+
+    def _stream(self, domain: int):
+        if self._iters[domain] is None:
+            sampler = DomainBatchSampler(self.sizes[domain], self.global_batch, self.rank, self.world, self.seed,
+                                         domain, start_batch=self.consumed[domain], offset=self.offsets[domain])
+            self._iters[domain] = iter(_loader(self.dataset, sampler, self.workers, self.pin))
+        return self._iters[domain]
+
+    def next(self) -> tuple[int, dict]:
+        domain = self.domain_sampler.next_domain()
+        batch = next(self._stream(domain))
+        self.consumed[domain] += 1
+        return domain, batch
+
+    def state_dict(self) -> dict:
+        return {"consumed": list(self.consumed), "sampler": self.domain_sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed = [int(c) for c in state["consumed"]]
+        self.domain_sampler.load_state_dict(state["sampler"])
+        self._iters = [None] * self.num_domains
+
+    def close(self) -> None:
+        self._iters = [None] * self.num_domains
