@@ -28,7 +28,8 @@ def extract_features(
     """Run ``encode`` over ``dataset`` sharded across ranks; every rank gets all rows in dataset order.
 
     Returns float32 CPU tensors: ``features`` (N, D), ``labels`` (N,) (first class id), ``domains`` (N,),
-    and ``skipped`` (number of unreadable files replaced).
+    ``skipped`` (number of unreadable files replaced) and ``item_skipped`` (N,): for each row, how many
+    unreadable files were passed over, so row i holds sample ``i + item_skipped[i]`` when it is not 0.
     """
     rank, world = distributed.get_rank(), distributed.get_world_size()
     loader = DataLoader(
@@ -36,7 +37,7 @@ def extract_features(
         num_workers=num_workers, pin_memory=device.type == "cuda",
         generator=torch.Generator(),  # leaves the global RNG untouched (exact resume)
     )
-    feats, labels, domains, indices = [], [], [], []
+    feats, labels, domains, indices, item_skipped = [], [], [], [], []
     skipped = torch.zeros((), dtype=torch.long)
     progress = tqdm(loader, desc=desc, disable=not distributed.is_main_process(), leave=False, dynamic_ncols=True)
     for batch in progress:
@@ -46,6 +47,7 @@ def extract_features(
         labels.append(batch["label"])
         domains.append(batch["domain"])
         indices.append(batch["index"])
+        item_skipped.append(batch["skipped"])
         skipped += batch["skipped"].sum()
     local_dim = torch.tensor([feats[0].shape[1] if feats else 0], device=device)
     if distributed.is_enabled():
@@ -56,6 +58,8 @@ def extract_features(
         "labels": torch.cat(labels).to(device) if labels else torch.zeros(0, dtype=torch.long, device=device),
         "domains": torch.cat(domains).to(device) if domains else torch.zeros(0, dtype=torch.long, device=device),
         "indices": torch.cat(indices).to(device) if indices else torch.zeros(0, dtype=torch.long, device=device),
+        "item_skipped": (torch.cat(item_skipped).to(device) if item_skipped
+                         else torch.zeros(0, dtype=torch.long, device=device)),
     }
     out = {key: distributed.all_gather_cat(value).cpu() for key, value in local.items()}
     if not torch.equal(out["indices"], torch.arange(len(dataset))):

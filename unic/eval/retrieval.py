@@ -1,0 +1,870 @@
+"""Retrieval and weighted-kNN evaluation (SPEC section 8): image sets, descriptor files, protocols, reports.
+
+``run`` is what ``main_retrieval.py`` does: validate every input (creating nothing), build the (domain, split)
+image sets of a benchmark and the query/index pairs that evaluate them, extract descriptors with the one
+shared routine (``unic.eval.features``, sharded over ranks, gathered in dataset order), save them to
+``descriptors.npz``, then on rank 0 search them (exact FAISS, ``unic.eval.search``), score them
+(``unic.eval.metrics``, ``unic.eval.knn``) and report: a table on stdout, ``results.json``, TensorBoard
+scalars and neighbour figures.
+
+Benchmarks
+- UnED layout (``root/info_files/<domain>/<split>.json`` + ``root/images``): the UnED pairs for the UnED
+  domains (``UNED_TEST_PAIRS`` / ``UNED_VAL_PAIRS``); any other domain is searched in its ``index`` split
+  (test) or ``small_index`` split (val) when it has one, else in its own query split (leave-one-out).
+- Folders: ``root/<class>/<image>`` is one leave-one-out set (SOP, CUB, Cars: every image queries all the
+  others); ``root/query/<class>/`` + ``root/gallery/<class>/`` is a query/gallery pair (In-Shop), classes
+  matched by folder name. Stored as split ``test`` (the set, or the queries) and ``index`` (the gallery).
+- ImageNet layout (``root/train/<class>/``, ``root/val/<class>/``): weighted kNN, val queries, train bank.
+
+Descriptor file: for each ``<domain>:<split>`` an array ``<domain>:<split>:x`` (N, D) float32 and
+``<domain>:<split>:y`` (N,) int64 or (N, L) int64 padded with -1 for images with several labels; optionally
+``__meta__``: JSON as uint8 bytes (what produced the file, the task, pairs and metrics of the run, and the
+image paths the figures need). Descriptors are stored as the encoder returns them; evaluation L2-normalises.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import zipfile
+from collections.abc import Collection, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from unic import distributed
+from unic.data.folders import ImageListDataset, scan_image_folder
+from unic.eval.encoders import Encoder, load_encoder
+from unic.eval.features import extract_features
+from unic.eval.knn import weighted_knn
+from unic.eval.metrics import (
+    ALL_METRICS,
+    RECALL_KS,
+    UNED_METRICS,
+    UNED_PAIRS,
+    EmbeddingSet,
+    as_label_matrix,
+    evaluate_uned,
+    metrics_depth,
+    relevance_matrix,
+)
+from unic.eval.search import search
+
+logger = logging.getLogger(__name__)
+
+Features = dict[str, dict[str, EmbeddingSet]]  # domain -> split -> (embeddings, labels)
+Pairs = dict[str, tuple[str, str]]  # domain -> (query split, index split); kNN: (query split, train split)
+ImageSets = dict[tuple[str, str], ImageListDataset]  # (domain, split) -> images
+
+RECALL_METRICS = tuple(f"R@{k}" for k in RECALL_KS) + ("mAP@100",)
+METRIC_PRESETS: dict[str, tuple[str, ...]] = {"uned": UNED_METRICS, "recall": RECALL_METRICS, "all": ALL_METRICS}
+KNN_KS = (10, 20, 100, 200)
+MODES = ("separate", "merged")
+DATA_KINDS = ("demo", "uned", "folder", "imagenet")
+NUM_FIGURE_NEIGHBORS = 8
+DESCRIPTOR_FILE = "descriptors.npz"
+DESCRIPTOR_FORMAT = "unic-descriptors"
+_META_KEY = "__meta__"
+_ARRAY_KEY = re.compile(r"(?P<domain>.+):(?P<split>[^:]+):(?P<kind>x|y)")
+_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class InputError(Exception):
+    """A problem with the user's inputs (flags, files, data layout), found before anything is written."""
+
+
+# ------------------------------------------------------------------------------------------------------------
+# query/index pairs and metrics
+
+
+def default_pairs(
+    domains: Sequence[str], split: str, available: Mapping[str, Collection[str]], task: str = "retrieval"
+) -> Pairs:
+    """(query split, index split) per domain: the UnED table for UnED domains; otherwise ``index`` (test) or
+    ``small_index`` (val) when the domain has that split, else the query split itself (leave-one-out).
+    For kNN classification the bank is always ``train``."""
+    pairs: Pairs = {}
+    for domain in domains:
+        splits = set(available.get(domain, ()))
+        if task == "knn":
+            pairs[domain] = (split, "train")
+        elif split in UNED_PAIRS and domain in UNED_PAIRS[split]:
+            pairs[domain] = UNED_PAIRS[split][domain]
+        elif split == "test" and "index" in splits:
+            pairs[domain] = ("test", "index")
+        elif split == "val" and "small_index" in splits:
+            pairs[domain] = ("val", "small_index")
+        else:
+            pairs[domain] = (split, split)
+    return pairs
+
+
+def parse_pairs(specs: Sequence[str]) -> Pairs:
+    """``["cars=test:test", "met=test:index"]`` -> {"cars": ("test", "test"), "met": ("test", "index")}."""
+    pairs: Pairs = {}
+    for spec in specs:
+        match = re.fullmatch(r"(.+)=([^:=]+):([^:=]+)", spec)
+        if match is None:
+            raise ValueError(f"--pairs: expected DOMAIN=QUERY_SPLIT:INDEX_SPLIT, got {spec!r}")
+        pairs[match.group(1)] = (match.group(2), match.group(3))
+    return pairs
+
+
+def parse_metrics(spec: str | Sequence[str]) -> tuple[str, ...]:
+    """A preset (``uned``, ``recall``, ``all``), a comma list such as ``R@1,mMP@5,mAP@100``, or a list."""
+    if isinstance(spec, str) and spec in METRIC_PRESETS:
+        return METRIC_PRESETS[spec]
+    parts = spec.split(",") if isinstance(spec, str) else spec
+    names = tuple(dict.fromkeys(name.strip() for name in parts if name.strip()))
+    if not names:
+        raise ValueError(f"--metrics: no metric in {spec!r}")
+    metrics_depth(names)  # raises on an unknown name
+    return names
+
+
+def check_pairs(features: Features, pairs: Pairs, modes: Sequence[str] = ()) -> None:
+    """Every pair's splits exist and are non-empty, with one embedding dim per domain (and across domains for a
+    merged index); raises ``ValueError`` naming the domain and split otherwise."""
+    if not pairs:
+        raise ValueError("no domain to evaluate")
+    for domain, splits in pairs.items():
+        if domain not in features:
+            raise ValueError(f"no descriptors for domain {domain!r} (available: {sorted(features)})")
+        for split in splits:
+            if split not in features[domain]:
+                raise ValueError(
+                    f"missing split {split!r} of domain {domain!r} (available: {sorted(features[domain])})"
+                )
+            if len(features[domain][split].embeddings) == 0:
+                raise ValueError(f"domain {domain!r} is empty: split {split!r} has no descriptor")
+        dims = {features[domain][split].embeddings.shape[1] for split in splits}
+        if len(dims) > 1:
+            raise ValueError(f"domain {domain!r}: splits {splits} have descriptors of different dims {sorted(dims)}")
+    if "merged" in modes:
+        dims = {features[domain][pairs[domain][0]].embeddings.shape[1] for domain in pairs}
+        if len(dims) > 1:
+            raise ValueError(f"a merged index needs one descriptor dim across domains, got {sorted(dims)} "
+                             "(use --modes separate)")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# image sets
+
+
+def available_splits(root: str, domains: Sequence[str]) -> dict[str, set[str]]:
+    """The split files of each domain of a UnED-layout root; a missing or empty domain is an error."""
+    info = os.path.join(root, "info_files")
+    out = {}
+    for domain in domains:
+        folder = os.path.join(info, domain)
+        if not os.path.isdir(folder):
+            known = sorted(e.name for e in os.scandir(info) if e.is_dir()) if os.path.isdir(info) else []
+            raise FileNotFoundError(f"domain {domain!r} not found: no folder {folder} (domains there: {known})")
+        out[domain] = {f[: -len(".json")] for f in os.listdir(folder) if f.endswith(".json")}
+        if not out[domain]:
+            raise ValueError(f"domain {domain!r} is empty: no <split>.json in {folder}")
+    return out
+
+
+def uned_image_sets(root: str, pairs: Pairs, transform) -> ImageSets:
+    """One data set per (domain, split) the pairs use, read from ``root/info_files`` (validated, ordered)."""
+    from unic.data.uned import read_info_file
+
+    sets: ImageSets = {}
+    for domain, splits in pairs.items():
+        for split in dict.fromkeys(splits):
+            samples = [(path, labels, 0) for path, labels in read_info_file(root, domain, split)]
+            sets[(domain, split)] = ImageListDataset(samples, transform, [domain])
+    return sets
+
+
+def _relabel(samples: list, classes: list[str], class_ids: Mapping[str, int]) -> list:
+    return [(path, [class_ids[classes[labels[0]]]], 0) for path, labels, _ in samples]
+
+
+def folder_image_sets(root: str, name: str, transform) -> tuple[ImageSets, Pairs]:
+    """``root/<class>/*`` (leave-one-out) or ``root/query/<class>/*`` + ``root/gallery/<class>/*``."""
+    query_dir, gallery_dir = os.path.join(root, "query"), os.path.join(root, "gallery")
+    if not (os.path.isdir(query_dir) or os.path.isdir(gallery_dir)):
+        samples, _ = scan_image_folder(root)
+        return {(name, "test"): ImageListDataset(samples, transform, [name])}, {name: ("test", "test")}
+    if not (os.path.isdir(query_dir) and os.path.isdir(gallery_dir)):
+        raise FileNotFoundError(f"a query/gallery benchmark needs both {query_dir} and {gallery_dir}")
+    query, query_classes = scan_image_folder(query_dir)
+    gallery, gallery_classes = scan_image_folder(gallery_dir)
+    class_ids = {c: i for i, c in enumerate(sorted(set(query_classes) | set(gallery_classes)))}
+    without_match = set(query_classes) - set(gallery_classes)
+    if without_match:
+        logger.warning("%d query classes have no gallery image (their queries score 0)", len(without_match))
+    sets = {
+        (name, "test"): ImageListDataset(_relabel(query, query_classes, class_ids), transform, [name]),
+        (name, "index"): ImageListDataset(_relabel(gallery, gallery_classes, class_ids), transform, [name]),
+    }
+    return sets, {name: ("test", "index")}
+
+
+def imagenet_image_sets(root: str, split: str, transform, name: str = "imagenet") -> tuple[ImageSets, Pairs]:
+    """ImageNet layout: ``root/<split>/<class>`` queries against the ``root/train/<class>`` bank (same names)."""
+    train, classes = scan_image_folder(os.path.join(root, "train"))
+    queries, query_classes = scan_image_folder(os.path.join(root, split))
+    class_ids = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(query_classes) - set(class_ids))
+    if unknown:
+        raise ValueError(f"{os.path.join(root, split)} has classes absent from train: {unknown[:5]}")
+    sets = {
+        (name, split): ImageListDataset(_relabel(queries, query_classes, class_ids), transform, [name]),
+        (name, "train"): ImageListDataset(train, transform, [name]),
+    }
+    return sets, {name: (split, "train")}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# encoders and extraction
+
+
+def is_named_model(source: str) -> bool:
+    return source.startswith(("timm:", "open_clip:"))
+
+
+def load_encoders(
+    source: str, embedding: str, domains: Sequence[str], weights: str | None = None, device="cpu"
+) -> dict[str, Encoder]:
+    """The encoder of each domain: one shared encoder, or for ``embedding="oracle"`` each domain's own
+    teacher head on one shared backbone (the specialist row UDON reports)."""
+    if is_named_model(source) and embedding not in ("auto", "backbone"):
+        raise ValueError(f"{source} has only its image embedding (--embedding {embedding} needs a UNIC file)")
+    if embedding != "oracle":
+        encoder = load_encoder(source, embedding, weights, device)
+        return {domain: encoder for domain in domains}
+    # the heads' file formats are read in one place, the encoder module
+    from unic.eval.encoders import _linear, _unic_heads
+    from unic.train.checkpoint import load_checkpoint
+
+    _, heads = _unic_heads(load_checkpoint(source))
+    missing = [domain for domain in domains if domain not in heads]
+    if missing:
+        raise ValueError(f"{source} has no teacher head for {missing} (has: {sorted(heads)})")
+    base = load_encoder(source, "backbone", device=device)
+    return {
+        domain: Encoder(base.backbone, f"domain:{domain}", base.img_size, base.mean, base.std,
+                        head=_linear(heads[domain]["weight"], heads[domain]["bias"]).to(device),
+                        name=f"{source}:domain:{domain}")
+        for domain in domains
+    }
+
+
+def extract_descriptors(
+    encoders: Mapping[str, Encoder],
+    sets: ImageSets,
+    device: torch.device,
+    batch_size: int = 128,
+    num_workers: int = 8,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[Features, dict[str, list[str]]]:
+    """Descriptors of every image set (each domain with its encoder) and the image paths of their rows.
+
+    Labels come from the set's samples, so images with several labels keep them all. Unreadable images are
+    left out (with a warning), since the loader replaced them by another image."""
+    features: Features = {}
+    paths: dict[str, list[str]] = {}
+    for (domain, split), dataset in sets.items():
+        out = extract_features(encoders[domain], dataset, device, batch_size, num_workers, autocast_dtype,
+                               desc=f"extract {domain}/{split}")
+        keep = (out["item_skipped"] == 0).numpy()
+        labels = as_label_matrix(dataset.labels())
+        if not np.array_equal(out["labels"].numpy()[keep], labels[keep, 0]):
+            raise RuntimeError(f"{domain}/{split}: extracted rows are not in the data set's order")
+        if not keep.all():
+            logger.warning("%s/%s: %d unreadable images left out", domain, split, int((~keep).sum()))
+        if not keep.any():
+            raise RuntimeError(f"{domain}/{split}: no readable image")
+        if labels.shape[1] == 1:
+            labels = labels[:, 0]
+        features.setdefault(domain, {})[split] = EmbeddingSet(out["features"].numpy()[keep], labels[keep])
+        paths[f"{domain}:{split}"] = [sample[0] for sample, kept in zip(dataset.samples, keep) if kept]
+    return features, paths
+
+
+# ------------------------------------------------------------------------------------------------------------
+# descriptor files
+
+
+def save_descriptors(path: str, features: Features, meta: Mapping | None = None) -> None:
+    """Write ``<domain>:<split>:x`` / ``:y`` arrays (+ ``__meta__``) to ``path`` (write, then rename)."""
+    arrays: dict[str, np.ndarray] = {}
+    for domain, splits in features.items():
+        for split, (embeddings, labels) in splits.items():
+            arrays[f"{domain}:{split}:x"] = np.ascontiguousarray(embeddings, dtype=np.float32)
+            arrays[f"{domain}:{split}:y"] = np.asarray(labels, dtype=np.int64)
+    if meta is not None:
+        arrays[_META_KEY] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_descriptors(path: str) -> tuple[Features, dict]:
+    """Read and validate a descriptor file; errors name the offending array."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"descriptor file not found: {path}")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path} is not a .npz descriptor file: {err}") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} is a single array, not a .npz descriptor file")
+    meta: dict = {}
+    parts: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+    with archive:
+        for key in archive.files:
+            if key == _META_KEY:
+                try:
+                    meta = json.loads(bytes(archive[key]).decode("utf-8"))
+                except (ValueError, UnicodeDecodeError) as err:
+                    raise ValueError(f"{path}: unreadable {_META_KEY}: {err}") from None
+                continue
+            match = _ARRAY_KEY.fullmatch(key)
+            if match is None:
+                raise ValueError(f"{path}: unexpected array {key!r} (expected '<domain>:<split>:x' and ':y')")
+            try:
+                parts.setdefault((match["domain"], match["split"]), {})[match["kind"]] = archive[key]
+            except ValueError as err:  # object arrays need pickle, which is refused
+                raise ValueError(f"{path}: array {key!r} is not numeric: {err}") from None
+    features: Features = {}
+    for (domain, split), arrays in sorted(parts.items()):
+        name = f"{domain}:{split}"
+        for kind in ("x", "y"):
+            if kind not in arrays:
+                raise ValueError(f"{path}: '{name}:{'y' if kind == 'x' else 'x'}' has no matching '{name}:{kind}'")
+        x, y = arrays["x"], arrays["y"]
+        if x.ndim != 2 or not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+            raise ValueError(f"{path}: '{name}:x' must be a numeric (N, D) array, got {x.dtype} {x.shape}")
+        if y.ndim not in (1, 2) or not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"{path}: '{name}:y' must be an integer (N,) or (N, L) array, got {y.dtype} {y.shape}")
+        if len(y) != len(x):
+            raise ValueError(f"{path}: '{name}:x' has {len(x)} rows but '{name}:y' has {len(y)}")
+        x = x.astype(np.float32, copy=False)
+        if not np.isfinite(x.sum(axis=1, dtype=np.float64)).all():  # a float64 sum of finite float32 is finite
+            raise ValueError(f"{path}: '{name}:x' holds NaN or infinite values")
+        features.setdefault(domain, {})[split] = EmbeddingSet(x, y.astype(np.int64, copy=False))
+    if not features:
+        raise ValueError(f"{path} holds no descriptor")
+    return features, meta
+
+
+# ------------------------------------------------------------------------------------------------------------
+# evaluation
+
+
+def evaluate_retrieval(
+    features: Features,
+    pairs: Pairs,
+    modes: Sequence[str] = MODES,
+    metrics: Sequence[str] = UNED_METRICS,
+    chunk_size: int = 8192,
+    progress: bool | None = None,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """{mode: {domain | "average": {metric: value}}} for each of "separate" and "merged" (SPEC section 8)."""
+    check_pairs(features, pairs, modes)
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for mode in modes:
+        if mode == "merged" and len(pairs) == 1 and "separate" in results:
+            results[mode] = copy.deepcopy(results["separate"])  # one domain: the union is its own index
+            continue
+        results[mode] = evaluate_uned(features, pairs, mode, metrics, chunk_size=chunk_size, progress=progress)
+    return results
+
+
+def _class_ids(labels: np.ndarray, name: str) -> np.ndarray:
+    labels = as_label_matrix(labels)
+    if (labels[:, 0] < 0).any():
+        raise ValueError(f"kNN classification needs a class for every image; {name} has unlabelled images")
+    if labels.shape[1] > 1 and (labels[:, 1:] >= 0).any():
+        logger.warning("%s has images with several labels: kNN classification uses the first", name)
+    return labels[:, 0]
+
+
+def evaluate_knn(
+    features: Features,
+    pairs: Pairs,
+    ks: Sequence[int] = KNN_KS,
+    temperature: float = 0.07,
+    device: torch.device | str | None = None,
+) -> dict[str, dict[str, float]]:
+    """Weighted kNN top-1/top-5 (DINO) per domain and their mean: ``{domain | "average": {"top1@k": ...}}``.
+
+    ``pairs`` maps each domain to (query split, bank split)."""
+    check_pairs(features, pairs)
+    per_domain: dict[str, dict[str, float]] = {}
+    for domain, (query_split, bank_split) in pairs.items():
+        query, bank = features[domain][query_split], features[domain][bank_split]
+        query_y = _class_ids(query.labels, f"{domain}/{query_split}")
+        bank_y = _class_ids(bank.labels, f"{domain}/{bank_split}")
+        # contiguous class ids, same order as the original ones (kNN breaks score ties by the lower id)
+        classes, class_ids = np.unique(np.concatenate([bank_y, query_y]), return_inverse=True)
+        scores = weighted_knn(
+            torch.from_numpy(np.asarray(bank.embeddings)), torch.from_numpy(class_ids[: len(bank_y)]),
+            torch.from_numpy(np.asarray(query.embeddings)), torch.from_numpy(class_ids[len(bank_y):]),
+            ks=ks, temperature=temperature, num_classes=len(classes), device=device,
+        )
+        per_domain[domain] = {f"top{t}@{k}": scores[k][f"top{t}"] for k in ks for t in (1, 5)}
+    names = list(next(iter(per_domain.values())))
+    per_domain["average"] = {name: float(np.mean([per_domain[d][name] for d in pairs])) for name in names}
+    return per_domain
+
+
+def format_table(results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
+    """One block per section (``separate``, ``merged``, ``knn``): a row per domain, values in percent."""
+    blocks = []
+    for section, per_domain in results.items():
+        names = list(next(iter(per_domain.values())))
+        first = max(len("domain"), *(len(domain) for domain in per_domain))
+        widths = [max(8, len(name) + 2) for name in names]
+        title = {"separate": "separate index", "merged": "merged index", "knn": "weighted kNN"}.get(section, section)
+        lines = [f"{title} (%)", f"{'domain':<{first}}" + "".join(f"{n:>{w}}" for n, w in zip(names, widths))]
+        for domain, values in per_domain.items():
+            lines.append(f"{domain:<{first}}" + "".join(f"{100 * values[n]:>{w}.2f}" for n, w in zip(names, widths)))
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# neighbour figures
+
+
+def _l2_normalize(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def top_neighbors(
+    features: Features, pairs: Pairs, domain: str, query_rows: np.ndarray, k: int = NUM_FIGURE_NEIGHBORS,
+    merged: bool = False,
+) -> dict[str, np.ndarray]:
+    """The ranked neighbours of some queries of ``domain``, searched as the evaluation searches them.
+
+    Returns ``scores`` (n, k), ``domain`` (n, k) position of the neighbour's domain in ``pairs`` (-1: none),
+    ``row`` (n, k) its row in that domain's index set (-1: none) and ``relevant`` (n, k)."""
+    searched = list(pairs) if merged else [domain]
+    sizes = [len(features[d][pairs[d][1]].embeddings) for d in searched]
+    offsets = dict(zip(searched, np.cumsum([0] + sizes[:-1]).tolist()))
+    index_x = np.concatenate([_l2_normalize(features[d][pairs[d][1]].embeddings) for d in searched])
+    index_labels = [as_label_matrix(features[d][pairs[d][1]].labels) for d in searched]
+    query_split, index_split = pairs[domain]
+    query_labels = as_label_matrix(features[domain][query_split].labels)[query_rows]
+    width = max(query_labels.shape[1], *(labels.shape[1] for labels in index_labels))
+
+    def pad(labels: np.ndarray) -> np.ndarray:
+        return np.pad(labels, ((0, 0), (0, width - labels.shape[1])), constant_values=-1)
+
+    index_labels = np.concatenate([pad(labels) for labels in index_labels])
+    index_domains = np.repeat(np.arange(len(searched)), sizes)
+    # identities: a query is its own index item only when the domain searches its own query split
+    query_ids = offsets[domain] + query_rows if query_split == index_split else np.full(len(query_rows), -1)
+    scores, neighbors = search(
+        _l2_normalize(features[domain][query_split].embeddings[query_rows]), index_x, k,
+        (query_ids, np.arange(len(index_x))), progress=False,
+    )
+    query_domain = np.full(len(query_rows), searched.index(domain))
+    relevant = relevance_matrix(neighbors, pad(query_labels), index_labels, query_domain, index_domains)
+    found = neighbors >= 0
+    neighbor_domain = np.where(found, index_domains[np.maximum(neighbors, 0)], -1)
+    starts = np.array([offsets[d] for d in searched])
+    row = np.where(found, neighbors - starts[np.maximum(neighbor_domain, 0)], -1)
+    position_in_pairs = np.array([list(pairs).index(d) for d in searched])
+    return {"scores": scores, "domain": np.where(found, position_in_pairs[np.maximum(neighbor_domain, 0)], -1),
+            "row": row, "relevant": relevant}
+
+
+_FRAME = {"query": (40, 90, 200), "relevant": (30, 170, 60), "irrelevant": (215, 40, 40)}
+
+
+def _thumbnail(path: str | None, color: tuple[int, int, int], size: int = 112) -> np.ndarray:
+    from PIL import Image, ImageOps
+
+    from unic.data.folders import BadImageError, load_image
+
+    try:
+        img = ImageOps.fit(load_image(path), (size, size)) if path else Image.new("RGB", (size, size), (128,) * 3)
+    except BadImageError:
+        img = Image.new("RGB", (size, size), (128, 128, 128))
+    return np.asarray(ImageOps.expand(img, border=max(3, size // 14), fill=color))
+
+
+def save_neighbor_figure(
+    path: str, title: str, query_paths: Sequence[str], query_captions: Sequence[str],
+    neighbor_paths: Sequence[Sequence[str | None]], neighbor_captions: Sequence[Sequence[str]], relevant: np.ndarray,
+) -> None:
+    """A grid: one query per row (blue frame) then its ranked neighbours, framed green (relevant) or red."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    num_rows, k = relevant.shape
+    fig = Figure(figsize=(1.45 * (k + 1), 1.65 * num_rows + 0.5))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(num_rows, k + 1, squeeze=False)
+    for r in range(num_rows):
+        cells = [(query_paths[r], _FRAME["query"], query_captions[r])]
+        cells += [(neighbor_paths[r][j], _FRAME["relevant" if relevant[r, j] else "irrelevant"],
+                   neighbor_captions[r][j]) for j in range(k)]
+        for ax, (image_path, color, caption) in zip(axes[r], cells):
+            ax.axis("off")
+            if image_path is None and caption == "":
+                continue  # fewer neighbours than k
+            ax.imshow(_thumbnail(image_path, color))
+            ax.set_title(caption, fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def visualize_neighbors(
+    features: Features, pairs: Pairs, paths: Mapping[str, Sequence[str]], output_dir: str, num_queries: int,
+    merged: bool, seed: int = 0,
+) -> list[str]:
+    """A PNG per domain: ``num_queries`` queries (seeded draw) and their top-8 neighbours; returns the files."""
+    files = []
+    domains = list(pairs)
+    for domain, (query_split, index_split) in pairs.items():
+        searched = domains if merged else [domain]
+        needed = [f"{domain}:{query_split}"] + [f"{d}:{pairs[d][1]}" for d in searched]
+        if any(key not in paths for key in needed):
+            logger.warning("no image paths for %s: skipping its figure", domain)
+            continue
+        num_total = len(features[domain][query_split].embeddings)
+        rows = np.sort(np.random.default_rng(seed).choice(num_total, min(num_queries, num_total), replace=False))
+        nn = top_neighbors(features, pairs, domain, rows, NUM_FIGURE_NEIGHBORS, merged)
+        query_labels = as_label_matrix(features[domain][query_split].labels)[rows]
+        neighbor_paths, captions = [], []
+        for r in range(len(rows)):
+            row_paths, row_captions = [], []
+            for j in range(NUM_FIGURE_NEIGHBORS):
+                d = nn["domain"][r, j]
+                if d < 0:
+                    row_paths.append(None)
+                    row_captions.append("")
+                    continue
+                name = domains[d]
+                row_paths.append(paths[f"{name}:{pairs[name][1]}"][nn["row"][r, j]])
+                row_captions.append(f"{nn['scores'][r, j]:.3f}" + ("" if name == domain else f"\n{name}"))
+            neighbor_paths.append(row_paths)
+            captions.append(row_captions)
+        query_captions = [f"query {row}\nclass {','.join(str(c) for c in labels if c >= 0)}"
+                          for row, labels in zip(rows, query_labels)]
+        mode = "merged" if merged and len(domains) > 1 else "separate"
+        file = os.path.join(output_dir, f"neighbors_{_safe_name(domain)}.png")
+        save_neighbor_figure(
+            file, f"{domain}: {query_split} -> {index_split}, {mode} index (green: relevant, red: not)",
+            [paths[f"{domain}:{query_split}"][row] for row in rows], query_captions, neighbor_paths, captions,
+            nn["relevant"],
+        )
+        files.append(file)
+    return files
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the evaluation run
+
+
+@dataclasses.dataclass(kw_only=True)
+class EvalConfig:
+    """What ``main_retrieval.py`` parses; see its ``--help`` for each field."""
+
+    checkpoint: str | None = None
+    weights: str | None = None
+    embedding: str = "auto"
+    descriptors: str | None = None
+    data: str | None = None
+    data_root: str | None = None
+    name: str | None = None
+    split: str | None = None
+    domains: list[str] | None = None
+    pairs: list[str] | None = None
+    task: str | None = None
+    metrics: str | None = None
+    modes: list[str] | None = None
+    knn_k: list[int] = dataclasses.field(default_factory=lambda: list(KNN_KS))
+    temperature: float = 0.07
+    img_size: int | None = None
+    crop_ratio: float | None = None
+    batch_size: int = 128
+    num_workers: int = 8
+    precision: str = "auto"
+    chunk_size: int = 8192
+    visualize: int = 0
+    output_dir: str | None = None
+
+
+@dataclasses.dataclass(kw_only=True)
+class Plan:
+    """A validated evaluation: what to extract (or the loaded descriptors), how to score it, where to write."""
+
+    task: str
+    pairs: Pairs
+    metrics: tuple[str, ...]
+    modes: tuple[str, ...]
+    output_dir: str
+    meta: dict
+    step: int = 0
+    encoders: dict[str, Encoder] | None = None
+    sets: ImageSets | None = None
+    features: Features | None = None
+    paths: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+
+
+DEMO_CHECKPOINT = "output/demo/checkpoint.pth"
+DEMO_ROOT = "~/.cache/unic/demo"
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"
+
+
+def _checkpoint_step(source: str) -> int:
+    """The training step of a UNIC checkpoint (0 for exports and named models), read lazily (mmap)."""
+    if is_named_model(source):
+        return 0
+    try:
+        ckpt = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - safetensors or old zip formats: the step is only a TensorBoard x value
+        return 0
+    step = ckpt.get("step", 0) if isinstance(ckpt, dict) else 0
+    return int(step) if isinstance(step, int) else 0
+
+
+def _check_flags(cfg: EvalConfig) -> None:
+    if cfg.descriptors and (cfg.checkpoint or cfg.data or cfg.data_root):
+        raise ValueError("--descriptors evaluates saved descriptors: drop --checkpoint/--data/--data.root")
+    if cfg.batch_size < 1 or cfg.num_workers < 0 or cfg.chunk_size < 1 or cfg.visualize < 0:
+        raise ValueError("--batch_size and --chunk_size must be >= 1, --num_workers and --visualize >= 0")
+    if not cfg.knn_k or min(cfg.knn_k) < 1:
+        raise ValueError(f"--knn_k must be positive integers, got {cfg.knn_k}")
+    if not (cfg.temperature > 0 and math.isfinite(cfg.temperature)):
+        raise ValueError(f"--temperature must be > 0, got {cfg.temperature}")
+    if cfg.crop_ratio is not None and not 0 < cfg.crop_ratio <= 1:
+        raise ValueError(f"--crop_ratio must be in (0, 1], got {cfg.crop_ratio}")
+    if cfg.img_size is not None and cfg.img_size < 1:
+        raise ValueError(f"--img_size must be >= 1, got {cfg.img_size}")
+    if cfg.precision not in ("auto", *_AUTOCAST):
+        raise ValueError(f"--precision must be auto, fp32, bf16 or fp16, got {cfg.precision}")
+    if cfg.data is not None and cfg.data not in DATA_KINDS:
+        raise ValueError(f"--data must be one of {DATA_KINDS}, got {cfg.data}")
+    if cfg.task is not None and cfg.task not in ("retrieval", "knn"):
+        raise ValueError(f"--task must be retrieval or knn, got {cfg.task}")
+
+
+def _modes(cfg: EvalConfig, oracle: bool, folder: bool) -> tuple[str, ...]:
+    """--modes, else both; only "separate" for a folder benchmark (one set) and oracle descriptors."""
+    if cfg.modes:
+        modes = tuple(dict.fromkeys(cfg.modes))
+        unknown = [m for m in modes if m not in MODES]
+        if unknown:
+            raise ValueError(f"--modes: unknown {unknown} (choose from {MODES})")
+        if oracle and "merged" in modes:
+            raise ValueError("oracle descriptors live in one space per domain: a merged index is undefined "
+                             "(use --modes separate)")
+        return modes
+    if oracle:
+        logger.info("oracle embedding: each domain is searched in its own index only (separate)")
+        return ("separate",)
+    return ("separate",) if folder else MODES
+
+
+def _plan_from_descriptors(cfg: EvalConfig) -> Plan:
+    features, meta = load_descriptors(cfg.descriptors)
+    task = cfg.task or meta.get("task", "retrieval")
+    split = cfg.split or ("val" if task == "knn" else "test")
+    if cfg.pairs:
+        pairs = parse_pairs(cfg.pairs)
+    elif cfg.split or cfg.domains or not meta.get("pairs"):
+        domains = cfg.domains or list(features)
+        pairs = default_pairs(domains, split, {d: set(features.get(d, {})) for d in domains}, task)
+    else:
+        pairs = {domain: tuple(pair) for domain, pair in meta["pairs"].items()}
+    metrics = parse_metrics(cfg.metrics or meta.get("metrics") or "uned")
+    modes = _modes(cfg, meta.get("embedding") == "oracle", meta.get("data") == "folder")
+    if task == "retrieval":
+        check_pairs(features, pairs, modes)
+    else:
+        check_pairs(features, pairs)
+    output_dir = cfg.output_dir or os.path.dirname(os.path.abspath(cfg.descriptors))
+    return Plan(task=task, pairs=pairs, metrics=metrics, modes=modes, output_dir=output_dir, meta=meta,
+                step=int(meta.get("step", 0)), features=features, paths=meta.get("paths", {}))
+
+
+def _resolve_data_root(cfg: EvalConfig, data: str) -> str:
+    if data == "demo":
+        from unic.data.demo import ensure_demo_data
+
+        root = cfg.data_root or DEMO_ROOT
+        if distributed.is_main_process():
+            ensure_demo_data(root)
+        distributed.barrier()
+        return ensure_demo_data(root)
+    if not cfg.data_root:
+        raise ValueError(f"--data {data} needs --data.root")
+    root = os.path.abspath(os.path.expanduser(cfg.data_root))
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"--data.root not found: {root}")
+    return root
+
+
+def _plan_from_images(cfg: EvalConfig, device: torch.device) -> Plan:
+    from unic.data.transforms import eval_transform
+    from unic.data.uned import list_domains
+
+    source = cfg.checkpoint or DEMO_CHECKPOINT
+    if not is_named_model(source) and not os.path.isfile(os.path.expanduser(source)):
+        hint = " (train one with: python main_unic.py)" if source == DEMO_CHECKPOINT else ""
+        raise FileNotFoundError(f"checkpoint file not found: {source}{hint}")
+    source = source if is_named_model(source) else os.path.expanduser(source)
+    data = cfg.data or "demo"
+    task = cfg.task or ("knn" if data == "imagenet" else "retrieval")
+    if data == "imagenet" and task != "knn":
+        raise ValueError("--data imagenet is for kNN classification (--task knn)")
+    if data == "folder" and task != "retrieval":
+        raise ValueError("--data folder holds retrieval benchmarks; kNN classification needs train/val splits")
+    if data in ("folder", "imagenet") and (cfg.pairs or cfg.domains):
+        raise ValueError(f"--pairs/--domains apply to UnED-layout data, not --data {data}")
+    split = cfg.split or ("val" if task == "knn" else "test")
+    root = _resolve_data_root(cfg, data)
+
+    if data in ("demo", "uned"):
+        explicit = parse_pairs(cfg.pairs) if cfg.pairs else None
+        domains = cfg.domains or (list(explicit) if explicit else list_domains(root))
+        available = available_splits(root, domains)
+        if explicit:
+            pairs = {domain: pair for domain, pair in explicit.items() if domain in domains}
+        else:
+            pairs = default_pairs(domains, split, available, task)
+    elif data == "folder":
+        name = cfg.name or os.path.basename(root.rstrip(os.sep))
+        pairs = {name: ("test", "test")}
+    else:
+        name = cfg.name or "imagenet"
+        pairs = {name: (split, "train")}
+
+    try:
+        encoders = load_encoders(source, cfg.embedding, list(pairs), cfg.weights, device)
+    except (RuntimeError, OSError) as err:  # timm's "Unknown model", hub download errors when offline
+        offline = is_named_model(source) and not cfg.weights
+        hint = " (offline? give a local weights file with --weights)" if offline else ""
+        raise ValueError(f"cannot load {source}: {err}{hint}") from err
+    encoder = next(iter(encoders.values()))
+    img_size = cfg.img_size or encoder.img_size
+    crop_ratio = cfg.crop_ratio or (1.0 if data in ("demo", "uned") else 0.875)
+    transform = eval_transform(img_size, crop_ratio, encoder.mean, encoder.std)
+    if data in ("demo", "uned"):
+        sets = uned_image_sets(root, pairs, transform)
+    elif data == "folder":
+        sets, pairs = folder_image_sets(root, name, transform)
+    else:
+        sets, pairs = imagenet_image_sets(root, split, transform, name)
+
+    oracle = cfg.embedding == "oracle"
+    embedding = "oracle" if oracle else ("image" if encoder.kind == "open_clip" else encoder.kind)
+    metrics = parse_metrics(cfg.metrics or ("recall" if data == "folder" else "uned"))
+    modes = _modes(cfg, oracle, data == "folder")
+    data_name = name if data in ("folder", "imagenet") else data
+    parts = [task, data_name] + ([] if data == "folder" else [split]) + [embedding]
+    tag = _safe_name("-".join(parts))
+    if cfg.output_dir:
+        output_dir = cfg.output_dir
+    elif is_named_model(source):
+        output_dir = os.path.join("output", "eval", _safe_name(source), tag)
+    else:
+        output_dir = os.path.join(os.path.dirname(os.path.abspath(source)), "eval", tag)
+    meta = {"format": DESCRIPTOR_FORMAT, "version": 1, "source": source, "embedding": embedding,
+            "data": data, "root": root, "split": split, "task": task, "pairs": pairs, "metrics": list(metrics),
+            "img_size": img_size, "crop_ratio": crop_ratio, "step": _checkpoint_step(source)}
+    return Plan(task=task, pairs=pairs, metrics=metrics, modes=modes, output_dir=output_dir, meta=meta,
+                step=meta["step"], encoders=encoders, sets=sets)
+
+
+def prepare(cfg: EvalConfig, device: torch.device) -> Plan:
+    """Validate every input and decide the whole evaluation; writes nothing. User errors: ``InputError``."""
+    try:
+        _check_flags(cfg)
+        return _plan_from_descriptors(cfg) if cfg.descriptors else _plan_from_images(cfg, device)
+    except InputError:
+        raise
+    except (ValueError, OSError) as err:
+        raise InputError(str(err)) from err
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return _AUTOCAST[precision]
+
+
+def run(cfg: EvalConfig, device: torch.device) -> dict:
+    """Validate, extract (all ranks), save descriptors, evaluate and report (rank 0). Returns the results on
+    rank 0 (``{mode: {domain: {metric: value}}}`` or ``{"knn": ...}``) and ``{}`` on the other ranks."""
+    from unic.train.logger import MetricsWriter, setup_logging
+
+    setup_logging()
+    plan = prepare(cfg, device)
+    main_process = distributed.is_main_process()
+    if main_process:
+        os.makedirs(plan.output_dir, exist_ok=True)
+    setup_logging(plan.output_dir)
+    logger.info("%s of %s: pairs %s -> %s", plan.task, plan.meta.get("source", cfg.descriptors), plan.pairs,
+                plan.output_dir)
+
+    features, paths = plan.features, plan.paths
+    if features is None:
+        features, paths = extract_descriptors(plan.encoders, plan.sets, device, cfg.batch_size, cfg.num_workers,
+                                              _autocast_dtype(cfg.precision, device))
+        plan.encoders = None  # frees the accelerator for the search
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if main_process:
+            descriptor_path = os.path.join(plan.output_dir, DESCRIPTOR_FILE)
+            save_descriptors(descriptor_path, features, {**plan.meta, "paths": paths})
+            logger.info("descriptors saved to %s (rerun the evaluation with --descriptors %s)",
+                        descriptor_path, descriptor_path)
+    if not main_process:
+        return {}
+
+    if plan.task == "knn":
+        results = {"knn": evaluate_knn(features, plan.pairs, cfg.knn_k, cfg.temperature, device)}
+    else:
+        results = evaluate_retrieval(features, plan.pairs, plan.modes, plan.metrics, cfg.chunk_size)
+    print(format_table(results), flush=True)
+    _write_json(os.path.join(plan.output_dir, "results.json"), results)
+    writer = MetricsWriter(plan.output_dir)
+    try:
+        for section, per_domain in results.items():
+            prefix = section if plan.task == "knn" else f"retrieval_{section}"
+            writer.write(plan.step, {f"{d}/{m}": v for d, values in per_domain.items() for m, v in values.items()},
+                         prefix=prefix)
+    finally:
+        writer.close()
+    if cfg.visualize:
+        if plan.task != "retrieval":
+            logger.warning("--visualize shows retrieval neighbours; ignored for kNN classification")
+        else:
+            merged = "merged" in plan.modes
+            for file in visualize_neighbors(features, plan.pairs, paths, plan.output_dir, cfg.visualize, merged):
+                logger.info("neighbour figure: %s", file)
+    logger.info("results written to %s", os.path.join(plan.output_dir, "results.json"))
+    return results
