@@ -9,15 +9,19 @@ What mmseg provides for that protocol, rewritten with numpy/PIL/torch and matchi
 - :class:`LinearSegHead`: BatchNorm + 1x1 conv (mmseg ``BNHead`` as used by DINOv2's linear configs);
 - :func:`poly_lr`: mmseg's poly schedule with linear warm-up;
 - :func:`slide_inference`: mmseg's sliding-window inference;
-- :class:`ConfusionMatrix`: mIoU / aAcc / mAcc as mmseg's ``eval_metrics``, reducible across ranks.
+- :class:`ConfusionMatrix`: mIoU / aAcc / mAcc as mmseg's ``eval_metrics``, reducible across ranks;
+- :class:`FrozenPatchBackbone`, :func:`segment`, :func:`train_linear_head`, :func:`evaluate_segmentation`: the
+  frozen encoder as a patch-feature extractor, the training loop and the distributed evaluation, and
+  :func:`save_visualization` for image / ground truth / prediction PNGs.
 
-Progress bars, the backbone and the training loop belong to the caller (``eval_dense/eval_semseg.py``).
+``eval_dense/eval_semseg.py`` is the command line around them.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -545,3 +549,304 @@ class ConfusionMatrix:
 def _nanmean(values: torch.Tensor) -> float:
     finite = values[~torch.isnan(values)]
     return finite.mean().item() if finite.numel() else math.nan
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Frozen backbone, loss, training loop, evaluation, visualisation
+# --------------------------------------------------------------------------------------------------------------
+
+ADE20K_CLASSES = (
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
+    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
+    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk",
+    "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
+    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand", "path",
+    "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge", "bookcase",
+    "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove", "palm",
+    "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus", "towel", "light",
+    "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver", "airplane",
+    "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle", "buffet", "poster",
+    "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything", "swimming pool", "stool",
+    "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven", "ball", "food", "step", "tank",
+    "trade name", "microwave", "pot", "animal", "bicycle", "lake", "dishwasher", "screen", "blanket", "sculpture",
+    "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier", "crt screen", "plate", "monitor",
+    "bulletin board", "shower", "radiator", "glass", "clock", "flag",
+)
+
+
+def allow_any_input_size(backbone: nn.Module) -> None:
+    """Let a timm ViT built for a fixed resolution accept any input size (positional embeddings resampled on
+    the fly, as ``dynamic_img_size=True`` does): baselines from timm are usually built for 224 px."""
+    if not hasattr(backbone, "dynamic_img_size") or backbone.dynamic_img_size:
+        return
+    from timm.layers import Format
+
+    backbone.dynamic_img_size = True
+    patch_embed = backbone.patch_embed
+    patch_embed.strict_img_size = False
+    patch_embed.flatten = False
+    patch_embed.output_fmt = Format.NHWC
+
+
+def center_pad(images_BCHW: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """Zero-pad height and width to multiples of ``multiple``, centred (DINOv2's ``CenterPadding``).
+
+    Returns the padded batch and the (top, bottom, left, right) padding, to crop outputs back with
+    :func:`uncenter_pad`."""
+    height, width = images_BCHW.shape[-2:]
+    pad_h, pad_w = -height % multiple, -width % multiple
+    pads = (pad_h // 2, pad_h - pad_h // 2, pad_w // 2, pad_w - pad_w // 2)
+    if pad_h == 0 and pad_w == 0:
+        return images_BCHW, pads
+    top, bottom, left, right = pads
+    return F.pad(images_BCHW, (left, right, top, bottom)), pads
+
+
+def uncenter_pad(maps_BCHW: torch.Tensor, pads: tuple[int, int, int, int]) -> torch.Tensor:
+    top, bottom, left, right = pads
+    height, width = maps_BCHW.shape[-2:]
+    return maps_BCHW[..., top : height - bottom, left : width - right]
+
+
+class FrozenPatchBackbone(nn.Module):
+    """A frozen encoder as a dense feature extractor: images -> (B, n*D, h, w) float32 patch features.
+
+    The encoder stays in eval mode whatever ``train()`` is called with (no dropout, no stochastic depth), its
+    parameters never require gradients, and it runs under ``torch.no_grad`` (autocast optional), so it takes
+    no part in the optimizer or in DDP. Inputs are centre-padded to a multiple of the patch size.
+    """
+
+    def __init__(self, encoder: nn.Module, num_last_blocks: int = 1, autocast_dtype: torch.dtype | None = None):
+        super().__init__()
+        if not getattr(encoder, "is_vit", False):
+            raise ValueError(f"{getattr(encoder, 'name', encoder)} has no patch tokens: the linear probe needs a ViT")
+        depth = len(getattr(encoder.backbone, "blocks", ()))
+        if not 1 <= num_last_blocks <= depth:
+            raise ValueError(f"num_last_blocks={num_last_blocks}, but the backbone has {depth} blocks")
+        allow_any_input_size(encoder.backbone)
+        self.encoder = encoder.eval().requires_grad_(False)
+        self.num_last_blocks = num_last_blocks
+        self.autocast_dtype = autocast_dtype
+        self.patch_size = encoder.patch_size
+        self.out_dim = num_last_blocks * encoder.embed_dim
+
+    def train(self, mode: bool = True) -> "FrozenPatchBackbone":
+        super().train(mode)
+        self.encoder.eval()  # frozen: BN/dropout/drop-path stay in inference behaviour
+        return self
+
+    @torch.no_grad()
+    def forward(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        device_type = images_BCHW.device.type
+        with torch.autocast(device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            feats = self.encoder.patch_features(images_BCHW, self.num_last_blocks)
+        return feats.float()
+
+
+def segment(backbone: FrozenPatchBackbone, head: nn.Module, images_BCHW: torch.Tensor) -> torch.Tensor:
+    """Logits (B, num_classes, H, W) at the input resolution: pad to the patch grid, frozen features, head,
+    bilinear upsampling to the padded size, crop the padding away."""
+    padded, pads = center_pad(images_BCHW, backbone.patch_size)
+    logits = head(backbone(padded), out_size=tuple(padded.shape[-2:]))
+    return uncenter_pad(logits, pads)
+
+
+def segmentation_loss(
+    logits_BCHW: torch.Tensor, labels_BHW: torch.Tensor, ignore_index: int = IGNORE_INDEX, avg_non_ignore: bool = False
+) -> torch.Tensor:
+    """Pixel cross-entropy. mmseg 0.x (DINOv2's linear protocol) averages over *all* pixels, ignored ones
+    contributing 0 (``avg_non_ignore=False``); ``avg_non_ignore=True`` averages over labelled pixels only."""
+    loss = F.cross_entropy(logits_BCHW.float(), labels_BHW, ignore_index=ignore_index, reduction="none")
+    if avg_non_ignore:
+        return loss.sum() / (labels_BHW != ignore_index).sum().clamp_min(1)
+    return loss.mean()
+
+
+class _LabelMax(torch.utils.data.Dataset):
+    def __init__(self, dataset: ADE20KDataset, ignore_index: int):
+        self.dataset, self.ignore_index = dataset, ignore_index
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> int:
+        label = self.dataset.load_label(index)
+        valid = label[label != self.ignore_index]
+        return int(valid.max()) if valid.size else -1
+
+
+def max_label(dataset: ADE20KDataset, num_workers: int = 0, ignore_index: int = IGNORE_INDEX,
+              device: torch.device | str = "cpu") -> int:
+    """Largest non-ignored label of a split (-1 if none), read from every annotation, sharded over ranks."""
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from unic.data.sampling import ShardSampler
+
+    sampler = ShardSampler(len(dataset), distributed.get_rank(), distributed.get_world_size())
+    loader = DataLoader(_LabelMax(dataset, ignore_index), batch_size=64, sampler=sampler, num_workers=num_workers)
+    largest = -1
+    for batch in tqdm(loader, desc=f"check {dataset.split} labels", leave=False, dynamic_ncols=True,
+                      disable=not distributed.is_main_process()):
+        largest = max(largest, int(batch.max()))
+    result = torch.tensor([largest], device=device)
+    if distributed.is_enabled():
+        torch.distributed.all_reduce(result, op=torch.distributed.ReduceOp.MAX)
+    return int(result.item())
+
+
+def infinite_batches(
+    dataset: torch.utils.data.Dataset,
+    batch_size: int,
+    num_workers: int = 0,
+    seed: int = 0,
+    pin_memory: bool = False,
+):
+    """Endless (images, labels) batches of this rank: a fresh seeded shuffle per pass, sharded over ranks,
+    incomplete batches dropped. Workers are seeded from (seed, rank), so the augmentations are reproducible."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    if len(dataset) // world < batch_size:
+        raise ValueError(
+            f"{len(dataset)} training images over {world} process(es) do not fill one batch of {batch_size} per process"
+        )
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
+        pin_memory=pin_memory, persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed * 1000 + rank),
+    )
+    epoch = 0
+    while True:
+        sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def train_linear_head(
+    backbone: FrozenPatchBackbone,
+    head: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches,
+    num_iters: int,
+    base_lr: float,
+    device: torch.device,
+    warmup_iters: int = 1500,
+    start_iter: int = 0,
+    stop_iter: int | None = None,
+    log_every: int = 50,
+    on_log: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, float]:
+    """Iterations ``start_iter .. stop_iter - 1`` (default: to ``num_iters``) of the linear probe: poly lr
+    over ``num_iters`` with linear warm-up, pixel cross-entropy (mmseg averaging), the optimizer holding the head
+    only. ``on_log(iteration, metrics)`` is called every ``log_every`` iterations and at ``stop_iter`` with the
+    mean loss since the previous call (the only host-device synchronisations). Returns the last metrics."""
+    from tqdm import tqdm
+
+    stop_iter = num_iters if stop_iter is None else stop_iter
+    backbone.eval()
+    head.train()
+    loss_sum = torch.zeros((), device=device)
+    num_losses, last = 0, {}
+    window_start = time.perf_counter()
+    progress = tqdm(range(start_iter, stop_iter), desc="train linear head", dynamic_ncols=True, leave=False,
+                    initial=start_iter, total=num_iters, disable=not distributed.is_main_process())
+    for iteration in progress:
+        lr = poly_lr(iteration, num_iters, base_lr, warmup_iters=warmup_iters)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        images, labels = next(batches)
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        loss = segmentation_loss(segment(backbone, head, images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach()
+        num_losses += 1
+        if (iteration + 1) % log_every == 0 or iteration + 1 == stop_iter:
+            mean_loss = distributed.all_reduce_mean(loss_sum / num_losses).item()
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(f"the loss is {mean_loss} at iteration {iteration + 1}")
+            seconds = time.perf_counter() - window_start
+            last = {"loss": mean_loss, "lr": lr, "iters_per_s": num_losses / max(seconds, 1e-9)}
+            progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
+            if on_log is not None:
+                on_log(iteration + 1, last)
+            loss_sum.zero_()
+            num_losses, window_start = 0, time.perf_counter()
+    return last
+
+
+@torch.no_grad()
+def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
+    """Give every rank ``src``'s buffers (BatchNorm running statistics). Without SyncBN (CPU/gloo), DDP only
+    broadcasts buffers at the start of each forward, so after the last step every rank holds its own update;
+    evaluation and the saved head must use one set."""
+    if distributed.is_enabled():
+        for buffer in module.buffers():
+            torch.distributed.broadcast(buffer, src=src)
+
+
+@torch.no_grad()
+def evaluate_segmentation(
+    backbone: FrozenPatchBackbone,
+    head: nn.Module,
+    dataset: ADE20KDataset,
+    device: torch.device,
+    num_classes: int = NUM_CLASSES,
+    crop: int | tuple[int, int] = 512,
+    stride: int | tuple[int, int] = 341,
+    windows_per_batch: int = 4,
+    num_workers: int = 0,
+) -> ConfusionMatrix:
+    """Sliding-window inference on every image of ``dataset`` (whose transform is a :class:`SegEvalTransform`),
+    logits upsampled (bilinear) to the annotation size; the confusion matrix is accumulated on ``device`` over
+    this rank's shard and all-reduced, so every rank returns the full-split matrix."""
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from unic.data.sampling import ShardSampler
+
+    was_training = head.training
+    head.eval()
+    broadcast_buffers(head)  # every rank scores its shard with the same head
+    sampler = ShardSampler(len(dataset), distributed.get_rank(), distributed.get_world_size())
+    loader = DataLoader(dataset, batch_size=1, sampler=sampler, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    confusion = ConfusionMatrix(num_classes, device=device)
+    for image, label in tqdm(loader, desc=f"evaluate {dataset.split}", dynamic_ncols=True, leave=False,
+                             disable=not distributed.is_main_process()):
+        image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)
+        logits = slide_inference(lambda crops: segment(backbone, head, crops), image, num_classes, crop=crop,
+                                 stride=stride, windows_per_batch=windows_per_batch)
+        if logits.shape[-2:] != label.shape[-2:]:
+            logits = F.interpolate(logits, size=tuple(label.shape[-2:]), mode="bilinear", align_corners=False)
+        confusion.update(logits.argmax(dim=1), label)
+    head.train(was_training)
+    return confusion.all_reduce()
+
+
+def palette(num_classes: int, seed: int = 0) -> np.ndarray:
+    """A fixed random colour per class (uint8, (num_classes + 1, 3)); the last row (black) is for ignored pixels."""
+    colors = np.random.RandomState(seed).randint(40, 256, size=(num_classes, 3)).astype(np.uint8)
+    return np.concatenate([colors, np.zeros((1, 3), dtype=np.uint8)])
+
+
+def colorize(label_HW: np.ndarray, colors: np.ndarray, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """(H, W) class ids -> (H, W, 3) colours; ignored (or out-of-range) pixels are black."""
+    label = np.asarray(label_HW, dtype=np.int64)
+    index = np.where((label == ignore_index) | (label < 0) | (label >= len(colors) - 1), len(colors) - 1, label)
+    return colors[index]
+
+
+def save_visualization(
+    path: str | Path, image: Image.Image, label_HW: np.ndarray, pred_HW: np.ndarray, colors: np.ndarray
+) -> None:
+    """One PNG: image | ground truth | prediction, side by side at the annotation's resolution."""
+    image_np = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    panels = [image_np, colorize(label_HW, colors), colorize(pred_HW, colors)]
+    gap = np.full((image_np.shape[0], 4, 3), 255, dtype=np.uint8)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate([panels[0], gap, panels[1], gap, panels[2]], axis=1)).save(path)

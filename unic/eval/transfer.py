@@ -1,7 +1,8 @@
-"""Logistic-regression transfer evaluation (t-ReX protocol), the classifier half.
+"""Logistic-regression transfer evaluation (t-ReX protocol).
 
-Features are already extracted (``eval_transfer/main_ft_extract.py``): each split is a dict
-``{"X": float32 (N, D), "Y": int64 (N,)}``. The protocol:
+Features are extracted by ``eval_transfer/main_ft_extract.py`` with :func:`token_encoder` (cls token, mean patch
+token or both) and stored per split by :func:`save_features` as ``{"X": float32 (N, D), "Y": int64 (N,)}``.
+The protocol:
 
 1. split trainval into a stratified 20 % per-class hold-out (:func:`stratified_holdout`);
 2. search the classifier's hyper-parameters with Optuna TPE, maximising hold-out top-1;
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 import warnings
 from typing import Any, Callable
@@ -50,6 +52,65 @@ EVAL_BATCH_SIZE = 65536
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Feature descriptors and feature files
+# --------------------------------------------------------------------------------------------------------------
+
+TOKEN_TYPES = ("cls", "patch", "both")
+FEATURE_SPLITS = ("trainval", "test")
+
+
+def token_encoder(encoder: nn.Module, token_type: str = "cls") -> Callable[[torch.Tensor], torch.Tensor]:
+    """images (B, 3, H, W) -> descriptors (B, D) for a :class:`unic.eval.encoders.Encoder`.
+
+    ``cls``: the encoder's descriptor (final-normed cls token for ViTs); ``patch``: mean of the final-normed
+    patch tokens of the last block; ``both``: the two concatenated (B, 2D), as in UNIC's transfer evaluation.
+    """
+    if token_type not in TOKEN_TYPES:
+        raise ValueError(f"unknown token_type {token_type!r}, expected one of {TOKEN_TYPES}")
+    if token_type != "cls" and not getattr(encoder, "is_vit", False):
+        raise ValueError(f"token_type={token_type!r} needs patch tokens, which {encoder.name} has no (use cls)")
+
+    def encode(images_BCHW: torch.Tensor) -> torch.Tensor:
+        if token_type == "cls":
+            return encoder(images_BCHW)
+        patch_BD = encoder.patch_features(images_BCHW, 1).mean(dim=(2, 3))
+        if token_type == "patch":
+            return patch_BD
+        return torch.cat([encoder(images_BCHW).to(patch_BD.dtype), patch_BD], dim=1)
+
+    return encode
+
+
+def features_path(features_dir: str, split: str) -> str:
+    return os.path.join(features_dir, f"features_{split}.pth")
+
+
+def save_features(path: str, X: torch.Tensor, Y: torch.Tensor) -> None:
+    """Write ``{"X": float32 (N, D), "Y": int64 (N,)}`` atomically (a reader never sees half a file)."""
+    from unic.train.checkpoint import atomic_save
+
+    X, Y = torch.as_tensor(X).float().cpu().contiguous(), torch.as_tensor(Y).long().cpu().reshape(-1)
+    if X.ndim != 2 or len(X) != len(Y):
+        raise ValueError(f"X must be (N, D) and Y (N,), got {tuple(X.shape)} and {tuple(Y.shape)}")
+    atomic_save({"X": X, "Y": Y}, path)
+
+
+def load_features(path: str) -> dict[str, torch.Tensor]:
+    """Read a features file written by :func:`save_features` (weights-only), validating its content."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"features file not found: {path} (write it with eval_transfer/main_ft_extract.py --output_dir "
+            f"{os.path.dirname(path) or '.'})"
+        )
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - pickled code, truncated zip, not a torch file at all
+        raise ValueError(f"{path} is not a readable features file: {str(err).splitlines()[0]}") from None
+    X, Y = _check_split(data, path)
+    return {"X": X, "Y": Y}
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Splits, normalisation, metrics
 # --------------------------------------------------------------------------------------------------------------
 
@@ -69,9 +130,12 @@ def stratified_holdout(
     labels_np = labels_np.reshape(-1)
     rng = np.random.RandomState(seed)
     train_parts, val_parts = [], []
-    for cls in np.unique(labels_np):  # sorted, so the RNG draws happen in a fixed order
-        cls_idx = np.flatnonzero(labels_np == cls)
-        num = len(cls_idx)
+    # Group the indices by class once (a stable sort keeps each class's indices ascending): O(N log N), not
+    # O(N x classes), which matters for iNaturalist (8142 classes).
+    order = np.argsort(labels_np, kind="stable")
+    _, starts, counts = np.unique(labels_np[order], return_index=True, return_counts=True)
+    for start, num in zip(starts, counts):  # classes in sorted order, so the RNG draws happen in a fixed order
+        cls_idx = order[start : start + num]
         num_val = int(math.floor(fraction * num + 0.5))  # round half up (Python's round() is banker's)
         if num >= 2:
             num_val = min(max(num_val, 1), num - 1)
@@ -298,6 +362,12 @@ def run_logreg(
     X_test, Y_test = _check_split(test, "test")
     if X_trainval.shape[1] != X_test.shape[1]:
         raise ValueError(f"feature dims differ: trainval {X_trainval.shape[1]} vs test {X_test.shape[1]}")
+    absent = sorted(set(Y_test.unique().tolist()) - set(Y_trainval.unique().tolist()))
+    if absent:
+        raise ValueError(
+            f"class-count mismatch: {len(absent)} test class(es) have no trainval sample (e.g. {absent[:5]}); "
+            "were both splits extracted with the same class list?"
+        )
     num_classes = int(max(Y_trainval.max().item(), Y_test.max().item())) + 1
 
     train_idx, val_idx = stratified_holdout(Y_trainval, fraction=holdout_fraction, seed=seed)

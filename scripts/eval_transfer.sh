@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Transfer evaluation (t-ReX protocol) of one encoder on a list of data sets, then one summary table.
+#   PRETRAINED=output/unic_vitb16_in1k/checkpoint.pth DATA_ROOT=/data \
+#       DATASETS="aircraft cars196 dtd eurosat flowers pets food101 sun397" bash scripts/eval_transfer.sh
+# Data set <name> is read from ${DATA_ROOT}/<name>, or from <NAME>_DIR (e.g. IN1K_DIR=/imagenet). in1k, inat*
+# and cog_* use the SGD classifier on l2-normalised features, the others L-BFGS on raw features (t-ReX).
+# Features already extracted are reused. Extra arguments go to main_ft_extract.py (e.g. --token_type both).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${PRETRAINED:?set PRETRAINED to a UNIC checkpoint or timm:<model> / open_clip:<model>:<tag>}"
+DATA_ROOT=${DATA_ROOT:-data}
+DATASETS=${DATASETS:-"aircraft cars196 dtd eurosat flowers pets food101 sun397"}
+N_GPUS=${N_GPUS:-$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")}
+if [[ -f "${PRETRAINED}" ]]; then
+    OUTPUT_ROOT=${OUTPUT_ROOT:-$(dirname "${PRETRAINED}")/transfer}
+else
+    OUTPUT_ROOT=${OUTPUT_ROOT:-output/transfer/${PRETRAINED//[:\/]/_}}
+fi
+SEED=${SEED:-0}
+
+feature_dirs=()
+for dataset in ${DATASETS}; do
+    dir_var="$(echo "${dataset}" | tr '[:lower:]' '[:upper:]')_DIR"
+    data_dir=${!dir_var:-${DATA_ROOT}/${dataset}}
+    features_dir="${OUTPUT_ROOT}/features_${dataset}"
+    if [[ ! -f "${features_dir}/features_trainval.pth" || ! -f "${features_dir}/features_test.pth" ]]; then
+        torchrun --standalone --nproc_per_node "${N_GPUS}" eval_transfer/main_ft_extract.py \
+            --pretrained "${PRETRAINED}" --dataset "${dataset}" --data_dir "${data_dir}" \
+            --output_dir "${features_dir}" "$@"
+    fi
+    if [[ "${dataset}" == in1k || "${dataset}" == inat* || "${dataset}" == cog_* ]]; then
+        clf=(--clf_type logreg_torch --features_norm l2)
+    else
+        clf=(--clf_type logreg_sklearn --features_norm none)
+    fi
+    python eval_transfer/main_clf.py --features_dir "${features_dir}" "${clf[@]}" --seed "${SEED}"
+    feature_dirs+=("${features_dir}")
+done
+python eval_transfer/print_results.py "${feature_dirs[@]}"

@@ -1,0 +1,229 @@
+"""ADE20K linear probe end to end: eval_dense/eval_semseg.py on a generated ADE20K-layout set (1 and 2
+processes), the frozen backbone, padding, the loss and the user errors. The mmseg-equivalent parts (transforms,
+poly schedule, confusion matrix, sliding windows) are tested in test_semseg_parts.py."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from eval_dense import eval_semseg
+from tests.conftest import run_entry
+from tests.test_eval_transfer import TINY_VIT, _restore_logging, write_tiny_student  # noqa: F401 - autouse fixture
+from unic.eval.encoders import load_encoder
+from unic.eval.semseg import (
+    ADE20KDataset,
+    FrozenPatchBackbone,
+    LinearSegHead,
+    center_pad,
+    infinite_batches,
+    segment,
+    segmentation_loss,
+    slide_inference,
+    train_linear_head,
+    uncenter_pad,
+)
+
+NUM_CLASSES = 4
+QUADRANT_COLORS = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200], [200, 200, 40]])
+
+
+def write_ade20k_quadrants(root, split: str, num_images: int, size_hw=(48, 64), seed: int = 0) -> None:
+    """ADEChallengeData2016 layout: classes 1..4 in the four quadrants (mirrored on odd images), a vertical band
+    of 0 (unlabelled) in the middle; each class has its own colour plus noise, so a linear probe can learn it."""
+    rng = np.random.RandomState(seed)
+    (root / "images" / split).mkdir(parents=True, exist_ok=True)
+    (root / "annotations" / split).mkdir(parents=True, exist_ok=True)
+    height, width = size_hw
+    for i in range(num_images):
+        label = np.zeros(size_hw, dtype=np.uint8)
+        label[: height // 2, : width // 2], label[: height // 2, width // 2:] = 1, 2
+        label[height // 2:, : width // 2], label[height // 2:, width // 2:] = 3, 4
+        if i % 2:
+            label = np.ascontiguousarray(label[:, ::-1])
+        label[:, width // 2 - 2: width // 2 + 2] = 0
+        image = QUADRANT_COLORS[np.clip(label.astype(int) - 1, 0, 3)] + rng.randint(-30, 31, (*size_hw, 3))
+        image[label == 0] = 128
+        name = f"ADE_{split}_{i:08d}"
+        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(root / "images" / split / f"{name}.jpg")
+        Image.fromarray(label).save(root / "annotations" / split / f"{name}.png")
+
+
+@pytest.fixture(scope="module")
+def ade(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ADEChallengeData2016")
+    write_ade20k_quadrants(root, "training", 4, seed=0)
+    write_ade20k_quadrants(root, "validation", 2, seed=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def student4(tmp_path_factory) -> str:
+    """Depth 4, so --layers last4 is possible."""
+    return write_tiny_student(tmp_path_factory.mktemp("model") / "student.pth", depth=4)
+
+
+def tiny_args(ade, student, output_dir, *extra) -> list[str]:
+    return ["--data_dir", str(ade), "--pretrained", student, "--output_dir", str(output_dir),
+            "--num_classes", str(NUM_CLASSES), "--iterations", "24", "--batch_size", "4", "--crop_size", "32",
+            "--stride", "21", "--scale", "128", "32", "--warmup_iters", "4", "--lr", "0.01", "--num_workers", "0",
+            "--log_every", "8", *extra]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# End to end
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_eval_semseg_end_to_end(ade, student4, tmp_path):
+    out = tmp_path / "semseg"
+    assert eval_semseg.main(tiny_args(ade, student4, out, "--layers", "last4", "--visualize", "2")) == 0
+
+    results = json.loads((out / "results.json").read_text())
+    assert {"mIoU", "aAcc", "mAcc", "per_class", "iterations", "layers", "head"} <= set(results)
+    assert results["iterations"] == 24 and results["layers"] == "last4" and results["num_validation_images"] == 2
+    assert list(results["per_class"]) == [f"class_{i}" for i in range(NUM_CLASSES)]
+    assert all(set(v) == {"IoU", "Acc"} for v in results["per_class"].values())
+    ious = [v["IoU"] for v in results["per_class"].values()]
+    assert results["mIoU"] == pytest.approx(np.mean(ious))
+    assert results["mIoU"] > 0.5  # colours make the quadrants linearly separable: the probe really learns
+    assert 0.0 <= results["aAcc"] <= 1.0
+
+    head = torch.load(out / "head.pth", weights_only=True)
+    assert head["format"] == "unic-semseg-linear-head" and head["iteration"] == 24
+    assert head["in_dim"] == 4 * 32 and head["num_last_blocks"] == 4 and head["num_classes"] == NUM_CLASSES
+    assert head["state_dict"]["conv.weight"].shape == (NUM_CLASSES, 128, 1, 1)
+
+    assert len(results["visualizations"]) == 2
+    with Image.open(results["visualizations"][0]) as png:
+        assert png.size == (3 * 64 + 2 * 4, 48)  # image | ground truth | prediction at annotation size
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines if line["split"] == "train"] == [8, 16, 24]
+    assert lines[-1]["split"] == "val" and lines[-1]["mIoU"] == pytest.approx(results["mIoU"])
+
+    # Evaluating the saved head again gives the same numbers (inference is deterministic).
+    reeval = tmp_path / "reeval"
+    assert eval_semseg.main(tiny_args(ade, student4, reeval, "--layers", "last4", "--load_head",
+                                      str(out / "head.pth"))) == 0
+    again = json.loads((reeval / "results.json").read_text())
+    assert again["mIoU"] == pytest.approx(results["mIoU"], abs=1e-12) and again["iterations"] == 24
+
+
+def test_eval_semseg_two_processes(ade, student4, tmp_path):
+    """torchrun (gloo): DDP head, sharded evaluation, all-reduced confusion matrix. Re-scoring the head it saved
+    in one process must give exactly the 2-process metrics."""
+    out = tmp_path / "ddp"
+    result = run_entry(["eval_dense/eval_semseg.py", *tiny_args(ade, student4, out, "--eval_every", "12")], nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["world_size"] == 2 and results["iterations"] == 24
+    val_steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(line)["split"] == "val"]
+    assert val_steps == [12, 24]
+
+    single = tmp_path / "single"
+    assert eval_semseg.main(tiny_args(ade, student4, single, "--load_head", str(out / "head.pth"))) == 0
+    rescored = json.loads((single / "results.json").read_text())
+    for key in ("mIoU", "aAcc", "mAcc"):
+        assert rescored[key] == pytest.approx(results[key], abs=1e-12)
+
+
+def test_user_errors_exit_2_before_writing(ade, student4, tmp_path, capsys):
+    out = tmp_path / "never"
+    assert eval_semseg.main(tiny_args(ade, student4, out, "--num_classes", "3")) == 2
+    err = re.split(r"[\r\n]", capsys.readouterr().err.strip())[-1]  # after the progress bars: one error line
+    assert err.startswith("error: class-count mismatch") and "label 3 after reduce_zero_label" in err
+
+    no_val = tmp_path / "no_val"
+    write_ade20k_quadrants(no_val, "training", 2)
+    assert eval_semseg.main(tiny_args(no_val, student4, out)) == 2
+    assert "validation" in capsys.readouterr().err
+
+    assert eval_semseg.main(tiny_args(ade, str(tmp_path / "none.pth"), out)) == 2
+    assert "checkpoint file not found" in capsys.readouterr().err
+    assert eval_semseg.main(tiny_args(ade, "open_clip:ViT-B-32:openai", out)) == 2
+    assert "patch tokens" in capsys.readouterr().err
+
+    shallow = write_tiny_student(tmp_path / "depth2.pth", depth=2)
+    assert eval_semseg.main(tiny_args(ade, shallow, out, "--layers", "last4")) == 2
+    assert "has 2 blocks" in capsys.readouterr().err
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Library parts the command line is built from
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _tiny_probe(student: str, num_last_blocks: int = 1):
+    backbone = FrozenPatchBackbone(load_encoder(student, "backbone"), num_last_blocks)
+    torch.manual_seed(0)
+    return backbone, LinearSegHead(backbone.out_dim, NUM_CLASSES)
+
+
+def test_backbone_stays_frozen_while_the_head_trains(ade, student4):
+    from unic.eval.semseg import SegTrainTransform
+
+    from unic.eval.encoders import Encoder
+    from unic.models.student import build_student
+
+    # Stochastic depth would make two forward passes differ if the backbone ever ran in training mode.
+    vit = build_student("vit_small_patch16_224", 32, drop_path=0.5, kwargs={**TINY_VIT, "depth": 4})
+    backbone = FrozenPatchBackbone(Encoder(vit, "backbone", 32), num_last_blocks=4)
+    head = LinearSegHead(backbone.out_dim, NUM_CLASSES)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    backbone.train()  # what a careless training loop would do
+    assert not backbone.encoder.training and not any(m.training for m in backbone.encoder.modules())
+    first = backbone(images)
+    assert torch.equal(first, backbone(images))  # no stochastic depth
+    assert not first.requires_grad and all(not p.requires_grad for p in backbone.parameters())
+
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    head_before = {k: v.clone() for k, v in head.state_dict().items()}
+    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-2)
+    dataset = ADE20KDataset(ade, "training", SegTrainTransform(32, (128, 32)))
+    train_linear_head(backbone, head, optimizer, infinite_batches(dataset, 2), num_iters=3, base_lr=1e-2,
+                      device=torch.device("cpu"), warmup_iters=0, log_every=1)
+    assert {id(p) for group in optimizer.param_groups for p in group["params"]} == {id(p) for p in head.parameters()}
+    assert all(p.grad is None for p in backbone.parameters())
+    assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())
+    assert any(not torch.equal(head_before[k], v) for k, v in head.state_dict().items())
+    assert len(optimizer.state) == len(list(head.parameters()))
+
+
+@pytest.mark.parametrize("height, width", [(32, 32), (30, 37), (17, 9)])
+def test_segment_pads_to_the_patch_grid_and_crops_back(student4, height, width):
+    backbone, head = _tiny_probe(student4)
+    head.eval()
+    images = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(0))
+    padded, pads = center_pad(images, 8)
+    assert padded.shape[-2] % 8 == 0 and padded.shape[-1] % 8 == 0
+    assert torch.equal(uncenter_pad(padded, pads), images)
+    with torch.no_grad():
+        logits = segment(backbone, head, images)
+    assert logits.shape == (2, NUM_CLASSES, height, width)
+
+
+def test_sliding_window_equals_whole_image_for_the_probe(student4):
+    backbone, head = _tiny_probe(student4)
+    head.eval()
+    image = torch.randn(1, 3, 30, 40, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        whole = segment(backbone, head, image)
+        covered = slide_inference(lambda crops: segment(backbone, head, crops), image, NUM_CLASSES, crop=48, stride=32)
+        windows = slide_inference(lambda crops: segment(backbone, head, crops), image, NUM_CLASSES, crop=24, stride=16)
+    assert torch.allclose(covered, whole, atol=1e-5)
+    assert not torch.allclose(windows, whole, atol=1e-3)  # smaller windows see less context
+
+
+def test_segmentation_loss_matches_mmseg_averaging():
+    logits = torch.tensor([[[[2.0, 0.0]], [[0.0, 1.0]]]])  # (1, 2 classes, 1, 2 pixels)
+    labels = torch.tensor([[[0, 255]]])
+    ce_first = -torch.log_softmax(torch.tensor([2.0, 0.0]), 0)[0]
+    assert segmentation_loss(logits, labels) == pytest.approx(ce_first.item() / 2)  # ignored pixel counts as 0
+    assert segmentation_loss(logits, labels, avg_non_ignore=True) == pytest.approx(ce_first.item())
