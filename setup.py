@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["unic", "unic.*", "teachers", "teachers.*", "eval_transfer", "eval_dense"]),
-    py_modules=["main_unic"],
+    py_modules=["main_unic", "main_retrieval"],
     package_data={"unic": ["configs/*.yaml"]},
     install_requires=[
         "torch>=2.1,<=2.14.1",
@@ -26,6 +26,7 @@ setup(
         "safetensors>=0.4",
         "matplotlib>=3.7",
         "numpy>=1.24",
+        "scipy>=1.10",
     ],
     extras_require={
         "gpu": ["faiss-gpu-cu12>=1.8"],
@@ -34,6 +35,10 @@ setup(
     entry_points={
         "console_scripts": [
             "unic-train=main_unic:main",
+            "unic-retrieval=main_retrieval:main",
+            "unic-extract-features=eval_transfer.main_ft_extract:main",
+            "unic-transfer-clf=eval_transfer.main_clf:main",
+            "unic-semseg=eval_dense.eval_semseg:main",
         ],
     },
 )
