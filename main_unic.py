@@ -14,6 +14,8 @@ import sys
 from teachers import CheckpointFormatError, TeacherWeightsError
 from unic import distributed
 from unic.config import ConfigError, load_config
+from unic.data.uned import DataFormatError
+from unic.train.checkpoint import CheckpointWriteError
 
 logger = logging.getLogger("main_unic")
 
@@ -30,11 +32,19 @@ def main(argv: list[str] | None = None) -> int:
     trainer = None
     try:
         cfg = load_config(args.config, args.overrides)
-        from unic.train.loop import Trainer
+        from unic.train.loop import CollectiveTimeoutError, NonFiniteLossError, Preempted, Trainer
 
-        trainer = Trainer(cfg)
-        trainer.train()
-    except (ConfigError, TeacherWeightsError, CheckpointFormatError, FileNotFoundError) as err:
+        try:
+            trainer = Trainer(cfg)
+            trainer.train()
+        except Preempted as stop:
+            print(f"preempted: {stop}", file=sys.stderr)
+            return 143  # 128 + SIGTERM: torchrun restarts the group, which resumes from the checkpoint
+        except (NonFiniteLossError, CollectiveTimeoutError, CheckpointWriteError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+    except (ConfigError, TeacherWeightsError, CheckpointFormatError, DataFormatError, FileNotFoundError,
+            FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:

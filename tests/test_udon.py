@@ -162,7 +162,7 @@ def test_demo_run_learns_a_universal_embedding(tmp_path, demo_root):
     overrides = tiny_overrides(demo_root, str(out), **{
         "data.domains": "[digits]", "data.batch_size_per_gpu": 32, "loss.w_distill": 0.0,
         "student.kwargs": "{patch_size: 4, embed_dim: 64, depth: 4, num_heads: 4}",
-        "optim.epochs": 10, "optim.lr": 2e-3, "optim.min_lr": 2e-3, "optim.warmup_epochs": 0,
+        "optim.epochs": 14, "optim.lr": 2e-3, "optim.min_lr": 2e-3, "optim.warmup_epochs": 0,
         "optim.scale_lr": False, "optim.betas": "[0.9,0.999]", "udon.head_lr": 2e-3, "train.validate_first": True,
         "train.log_every": 10,
     })

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
@@ -92,6 +92,7 @@ class DataConfig:
     batch_size_per_gpu: int = 64
     num_workers: int = 2
     knn_train_fraction: float = 1.0  # fraction of the train split used as the kNN bank at validation
+    worker_timeout_s: float = 600.0  # a data worker silent for this long is an error, not a hang
 
 
 @dataclass(kw_only=True)
@@ -132,6 +133,8 @@ class TrainConfig:
     validate_first: bool = False  # also validate the untrained model before the first step
     max_steps: int = 0  # stop after this many steps in total (0: run all epochs)
     compile: bool = False  # torch.compile the student
+    max_bad_steps: int = 5  # consecutive non-finite (skipped) steps before the run stops
+    collective_timeout_s: float = 1800.0  # a stalled rank ends the job with an error after this long
 
 
 @dataclass(kw_only=True)
@@ -189,14 +192,14 @@ def _validate(cfg: DictConfig) -> None:
             raise ConfigError(f"invalid value for '{key}': {value!r}; choose one of {', '.join(choices)}")
     positive = [
         "student.img_size", "data.batch_size_per_gpu", "optim.epochs", "ladder.hidden_dim",
-        "ladder.last_hidden_dim", "train.log_every",
+        "ladder.last_hidden_dim", "train.log_every", "train.max_bad_steps", "train.collective_timeout_s",
     ]
     for key in positive:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"invalid value for '{key}': must be > 0, got {OmegaConf.select(cfg, key)}")
     non_negative = [
         "data.num_workers", "optim.warmup_epochs", "optim.lr", "optim.min_lr", "optim.weight_decay",
-        "optim.clip_grad", "train.save_every", "train.max_steps", "train.keep_checkpoints",
+        "optim.clip_grad", "train.save_every", "train.max_steps", "train.keep_checkpoints", "data.worker_timeout_s",
         "student.drop_path",
     ]
     for key in non_negative:
@@ -226,6 +229,8 @@ def _validate(cfg: DictConfig) -> None:
 
         if cfg.heads.name not in MARGIN_HEADS:
             raise ConfigError(f"invalid value for 'heads.name': {cfg.heads.name!r}; choose one of {', '.join(MARGIN_HEADS)}")
+        if cfg.heads.k is not None and cfg.heads.k < 1:
+            raise ConfigError(f"invalid value for 'heads.k': must be >= 1, got {cfg.heads.k}")
         accepted = set(head_kwargs(cfg.heads.name)) - {"class_counts"}
         for key in head_options(cfg):
             if key not in accepted:
@@ -234,12 +239,25 @@ def _validate(cfg: DictConfig) -> None:
         if cfg.data.dataset == "imagenet":
             raise ConfigError("UDON needs labelled domains in the UnED layout (data.dataset=uned or demo); "
                               "set udon.enabled=false for ImageNet distillation")
+    import timm
+
+    if not timm.is_model(cfg.student.arch):
+        close = difflib.get_close_matches(cfg.student.arch, timm.list_models("vit*"), n=1)
+        raise ConfigError(f"invalid value for 'student.arch': timm has no model {cfg.student.arch!r}"
+                          + (f"; did you mean '{close[0]}'?" if close else ""))
     if not distill:
         return
     if not cfg.teachers.names:
         raise ConfigError("'teachers.names' is empty: distillation needs at least one teacher (or loss.w_distill=0)")
     if len(set(cfg.teachers.names)) != len(cfg.teachers.names):
         raise ConfigError(f"'teachers.names' lists a teacher twice: {list(cfg.teachers.names)}")
+    from teachers.registry import get_spec
+
+    for name in cfg.teachers.names:
+        try:
+            get_spec(name)
+        except ValueError as err:
+            raise ConfigError(f"invalid value in 'teachers.names': {err}") from None
     unknown = set(cfg.teachers.weights) - set(cfg.teachers.names)
     if unknown:
         raise ConfigError(
@@ -280,12 +298,21 @@ def to_plain(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-def from_plain(data: dict, schema=UnicConfig) -> DictConfig:
-    """Rebuild a validated config from the plain dict stored in a checkpoint."""
-    try:
-        return OmegaConf.merge(OmegaConf.structured(schema), data)
-    except OmegaConfBaseException as err:
-        raise _explain(err, OmegaConf.structured(schema), "checkpoint config") from None
+RESUME_KEYS = ("student", "ladder", "teachers.names", "udon", "heads", "loss.w_distill", "loss.w_udon",
+               "data.dataset", "data.domains", "data.batch_size_per_gpu", "optim.epochs", "train.seed")
+
+
+def resume_mismatches(saved: dict, cfg: DictConfig) -> list[str]:
+    """Settings that shape the model, data order or schedules and differ from the checkpoint's config."""
+    saved_cfg = OmegaConf.create(saved)
+    diffs = []
+    for key in RESUME_KEYS:
+        old, new = OmegaConf.select(saved_cfg, key), OmegaConf.select(cfg, key)
+        old = OmegaConf.to_container(old) if isinstance(old, (DictConfig, ListConfig)) else old
+        new = OmegaConf.to_container(new) if isinstance(new, (DictConfig, ListConfig)) else new
+        if old != new:
+            diffs.append(f"{key}: checkpoint {old!r}, now {new!r}")
+    return diffs
 
 
 def save_config(cfg: DictConfig, path: str) -> None:

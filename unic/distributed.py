@@ -82,6 +82,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place max over ranks; returns the tensor."""
+    if is_enabled():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """In-place mean over ranks; returns the tensor."""
     if is_enabled():
@@ -105,6 +112,35 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     gathered = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(gathered, padded)
     return torch.cat([g[:n] for g, n in zip(gathered, sizes_list)], dim=0)
+
+
+def heartbeat(step: int) -> None:
+    """Record this rank's progress in the rendezvous store (read back to name a stalled rank)."""
+    if is_enabled():
+        dist.distributed_c10d._get_default_store().set(f"unic/heartbeat/{get_rank()}", str(step))
+
+
+def describe_progress() -> str:
+    """Each rank's last recorded step, e.g. "rank 0 at step 12, rank 1 at step 9 (behind)"."""
+    if not is_enabled():
+        return ""
+    store = dist.distributed_c10d._get_default_store()
+    steps = {}
+    for rank in range(get_world_size()):
+        key = f"unic/heartbeat/{rank}"
+        try:
+            steps[rank] = int(store.get(key)) if store.check([key]) else None
+        except Exception:  # noqa: BLE001 - the store may be gone with a dead rank 0
+            steps[rank] = None
+    known = [s for s in steps.values() if s is not None]
+    lead = max(known) if known else None
+    parts = []
+    for rank, step in steps.items():
+        if step is None:
+            parts.append(f"rank {rank} never reported a step (stalled)")
+        else:
+            parts.append(f"rank {rank} at step {step}" + (" (stalled, behind)" if lead is not None and step < lead else ""))
+    return ", ".join(parts)
 
 
 def broadcast_object(obj, src: int = 0):

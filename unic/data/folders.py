@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from contextlib import nullcontext
 from typing import Callable, Sequence
 
@@ -24,6 +25,8 @@ class BadImageError(RuntimeError):
 def load_image(path: str) -> Image.Image:
     """Decode an image to RGB; any decoding problem (truncated, not an image, bomb, ...) is a BadImageError."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # FIFOs would block a worker forever, devices, folders
+            raise OSError("not a regular file")
         with Image.open(path) as img:
             img.load()
             if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
@@ -31,8 +34,12 @@ def load_image(path: str) -> Image.Image:
                 canvas = Image.new("RGB", img.size, (255, 255, 255))
                 canvas.paste(img, mask=img.getchannel("A"))
                 return canvas
-            if img.mode.startswith("I;16") or img.mode == "I":
-                return img.point(lambda v: v / 256).convert("L").convert("RGB")
+            if img.mode.startswith("I;16") or img.mode in ("I", "F"):  # 16/32-bit: scale to 8 bits by the max
+                import numpy as np
+
+                array = np.asarray(img, dtype=np.float64)
+                peak = array.max() if array.size and array.max() > 0 else 1.0
+                return Image.fromarray((array / peak * 255).astype(np.uint8)).convert("RGB")
             return img.convert("RGB")
     except Exception as err:  # noqa: BLE001 - hostile files raise anything from OSError to SyntaxError
         raise BadImageError(f"{path}: {type(err).__name__}: {err}") from None
@@ -41,8 +48,9 @@ def load_image(path: str) -> Image.Image:
 class ImageListDataset(Dataset):
     """Samples ``(path, labels, domain)``; unreadable images are replaced by the next readable sample.
 
-    Items are dicts: image, label (first class id), domain, index (the requested index) and skipped (how
-    many broken files were passed over for this item), so skips are counted even inside worker processes.
+    Items are dicts: image, label (first class id), domain, index (the requested index), skipped (how
+    many broken files were passed over for this item) and bad (those files and why, one per line), so skips
+    are counted and reported even from inside worker processes.
     A key ``(index, seed)`` seeds the transform's randomness, making augmentations depend only on the
     sample and the step, not on worker count or world size.
     """
@@ -59,6 +67,12 @@ class ImageListDataset(Dataset):
         self.transform = transform
         self.domain_names = list(domain_names)
         self._reported: set[str] = set()
+        # a broken image is replaced by the next one of the same domain (labels stay meaningful)
+        members: dict[int, list[int]] = {}
+        for i, (_, _, domain) in enumerate(self.samples):
+            members.setdefault(domain, []).append(i)
+        self._members = members
+        self._position = {i: pos for idx in members.values() for pos, i in enumerate(idx)}
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -68,11 +82,15 @@ class ImageListDataset(Dataset):
 
     def __getitem__(self, key) -> dict:
         index, seed = key if isinstance(key, tuple) else (key, None)
+        bad = []
+        members = self._members[self.samples[index][2]]
+        start = self._position[index]
         for skipped in range(MAX_REPLACEMENTS):
-            path, labels, domain = self.samples[(index + skipped) % len(self.samples)]
+            path, labels, domain = self.samples[members[(start + skipped) % len(members)]]
             try:
                 img = load_image(path)
             except BadImageError as err:
+                bad.append(str(err))
                 if path not in self._reported:
                     self._reported.add(path)
                     logger.warning("skipping unreadable image %s", err)
@@ -83,7 +101,8 @@ class ImageListDataset(Dataset):
                     if seed is not None:
                         torch.manual_seed(seed)
                     img = self.transform(img)
-            return {"image": img, "label": int(labels[0]), "domain": domain, "index": index, "skipped": skipped}
+            return {"image": img, "label": int(labels[0]), "domain": domain, "index": index, "skipped": skipped,
+                    "bad": "\n".join(bad)}
         raise BadImageError(f"{MAX_REPLACEMENTS} consecutive unreadable images from index {index}")
 
 

@@ -11,6 +11,10 @@ from unic.data.folders import ImageListDataset
 UNED_DOMAINS = ("cars", "sop", "inshop", "inat", "met", "gldv2", "food2k", "rp2k")
 
 
+class DataFormatError(ValueError):
+    """An info file that does not follow the UnED layout (or tries to leave the data root)."""
+
+
 def list_domains(root: str) -> list[str]:
     info = os.path.join(root, "info_files")
     if not os.path.isdir(info):
@@ -29,23 +33,23 @@ def read_info_file(root: str, domain: str, split: str) -> list[tuple[str, list[i
         try:
             entries = json.load(f)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from None
+            raise DataFormatError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(entries, list):
-        raise ValueError(f"{path}: expected a list of {{'path', 'class_id'}} entries")
+        raise DataFormatError(f"{path}: expected a list of {{'path', 'class_id'}} entries")
     images = os.path.realpath(os.path.join(root, "images"))
     out = []
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or "path" not in entry or "class_id" not in entry:
-            raise ValueError(f"{path}: entry {i} lacks 'path' or 'class_id'")
+            raise DataFormatError(f"{path}: entry {i} lacks 'path' or 'class_id'")
         full = os.path.realpath(os.path.join(images, entry["path"]))
         if os.path.commonpath([full, images]) != images:
-            raise ValueError(f"{path}: entry {i} path {entry['path']!r} escapes {images}")
+            raise DataFormatError(f"{path}: entry {i} path {entry['path']!r} escapes {images}")
         labels = entry["class_id"] if isinstance(entry["class_id"], list) else [entry["class_id"]]
         if not labels or not all(isinstance(c, int) and not isinstance(c, bool) for c in labels):
-            raise ValueError(f"{path}: entry {i} has an invalid class_id {entry['class_id']!r}")
+            raise DataFormatError(f"{path}: entry {i} has an invalid class_id {entry['class_id']!r}")
         out.append((full, labels))
     if not out:
-        raise ValueError(f"{path}: split '{split}' of domain '{domain}' is empty")
+        raise DataFormatError(f"{path}: split '{split}' of domain '{domain}' is empty")
     return out
 
 

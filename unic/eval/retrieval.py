@@ -265,13 +265,15 @@ def extract_descriptors(
     batch_size: int = 128,
     num_workers: int = 8,
     autocast_dtype: torch.dtype | None = None,
-) -> tuple[Features, dict[str, list[str]]]:
-    """Descriptors of every image set (each domain with its encoder) and the image paths of their rows.
+) -> tuple[Features, dict[str, list[str]], list[str]]:
+    """Descriptors of every image set (each domain with its encoder), the image paths of their rows and the
+    unreadable images.
 
     Labels come from the set's samples, so images with several labels keep them all. Unreadable images are
     left out (with a warning), since the loader replaced them by another image."""
     features: Features = {}
     paths: dict[str, list[str]] = {}
+    unreadable: list[str] = []
     for (domain, split), dataset in sets.items():
         out = extract_features(encoders[domain], dataset, device, batch_size, num_workers, autocast_dtype,
                                desc=f"extract {domain}/{split}")
@@ -287,7 +289,8 @@ def extract_descriptors(
             labels = labels[:, 0]
         features.setdefault(domain, {})[split] = EmbeddingSet(out["features"].numpy()[keep], labels[keep])
         paths[f"{domain}:{split}"] = [sample[0] for sample, kept in zip(dataset.samples, keep) if kept]
-    return features, paths
+        unreadable += [sample[0] for sample, kept in zip(dataset.samples, keep) if not kept]
+    return features, paths, unreadable
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -832,8 +835,13 @@ def run(cfg: EvalConfig, device: torch.device) -> dict:
 
     features, paths = plan.features, plan.paths
     if features is None:
-        features, paths = extract_descriptors(plan.encoders, plan.sets, device, cfg.batch_size, cfg.num_workers,
-                                              _autocast_dtype(cfg.precision, device))
+        features, paths, unreadable = extract_descriptors(plan.encoders, plan.sets, device, cfg.batch_size,
+                                                          cfg.num_workers, _autocast_dtype(cfg.precision, device))
+        if main_process and unreadable:
+            _write_json(os.path.join(plan.output_dir, "bad_images.json"),
+                        {"count": len(unreadable), "files": sorted(unreadable)})
+            logger.warning("%d unreadable images left out, listed in %s", len(unreadable),
+                           os.path.join(plan.output_dir, "bad_images.json"))
         plan.encoders = None  # frees the accelerator for the search
         if device.type == "cuda":
             torch.cuda.empty_cache()

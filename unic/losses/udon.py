@@ -23,14 +23,17 @@ def udon_loss(
     The teacher side of the KL and relational terms is detached: no gradient reaches a teacher head from
     them. KL is averaged over the batch; relational = c * mean_{i,j} (e^T_i.e^T_j - e^U_i.e^U_j)^2.
     """
-    ce_teacher = F.cross_entropy(teacher_classifier(teacher_raw_BD, labels_B), labels_B)
-    ce_universal = F.cross_entropy(universal_classifier(universal_raw_BE, labels_B), labels_B)
-    with torch.no_grad():
-        log_p_teacher = F.log_softmax(teacher_classifier.cosine(teacher_raw_BD) / temperature, dim=-1)
-    log_p_student = F.log_softmax(universal_classifier.cosine(universal_raw_BE) / temperature, dim=-1)
-    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
-    e_teacher = F.normalize(teacher_raw_BD.detach().float(), dim=-1)
-    e_universal = F.normalize(universal_raw_BE.float(), dim=-1)
-    relational = relational_weight * (e_teacher @ e_teacher.T - e_universal @ e_universal.T).square().mean()
+    logits_teacher, cos_teacher = teacher_classifier(teacher_raw_BD, labels_B, return_cosine=True)
+    logits_universal, cos_universal = universal_classifier(universal_raw_BE, labels_B, return_cosine=True)
+    ce_teacher = F.cross_entropy(logits_teacher, labels_B)
+    ce_universal = F.cross_entropy(logits_universal, labels_B)
+    # float32 even under autocast: similarities near 1 are below bf16 resolution
+    with torch.autocast(device_type=teacher_raw_BD.device.type, enabled=False):
+        log_p_teacher = F.log_softmax(cos_teacher.detach() / temperature, dim=-1)
+        log_p_student = F.log_softmax(cos_universal / temperature, dim=-1)
+        kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+        e_teacher = F.normalize(teacher_raw_BD.detach().float(), dim=-1)
+        e_universal = F.normalize(universal_raw_BE.float(), dim=-1)
+        relational = relational_weight * (e_teacher @ e_teacher.T - e_universal @ e_universal.T).square().mean()
     loss = ce_teacher + ce_universal + kl + relational
     return {"loss": loss, "ce_teacher": ce_teacher, "ce_universal": ce_universal, "kl": kl, "relational": relational}

@@ -91,10 +91,13 @@ class MarginHead(nn.Module):
             return cos_BK
         return cos_BK.view(-1, self.num_classes, self.k).amax(dim=-1)
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, return_cosine: bool = False):
+        """Scaled logits (B, C) for cross-entropy; with ``return_cosine`` also the float32 cosines (B, C)."""
         # The whole margin computation stays in float32: acos/sqrt near +-1 are hopeless in half precision.
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            return self._logits(self.cosine(embeddings), labels, embeddings)
+            cos_BC = self.cosine(embeddings)
+            logits = self._logits(cos_BC, labels, embeddings)
+        return (logits, cos_BC) if return_cosine else logits
 
     def _logits(self, cos_BC: torch.Tensor, labels_B: torch.Tensor, embeddings_BD: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

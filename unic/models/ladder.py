@@ -34,9 +34,14 @@ class Ladder(nn.Module):
         last_hidden_dim: int = 3072,
     ):
         super().__init__()
+        if blocks is not None:
+            out_of_range = [b for b in blocks if not -num_blocks <= b < num_blocks]
+            if out_of_range:
+                raise ValueError(f"ladder.blocks {out_of_range} out of range for a {num_blocks}-block student")
         blocks = sorted(set(range(num_blocks) if blocks is None else (b % num_blocks for b in blocks)))
-        if not blocks:
-            raise ValueError("ladder.blocks selects no block")
+        if num_blocks - 1 not in blocks:
+            # the last block (and final norm) would get no gradient: DDP needs every parameter used
+            raise ValueError(f"ladder.blocks {blocks} must include the last block ({num_blocks - 1} or -1)")
         self.blocks = blocks
 
         def width(b: int) -> int:

@@ -19,8 +19,12 @@ def build_student(arch: str, img_size: int, drop_path: float = 0.0, kwargs: dict
         arch, pretrained=False, num_classes=0, img_size=img_size, drop_path_rate=drop_path,
         dynamic_img_size=True, **(kwargs or {}),
     )
-    if not hasattr(model, "forward_intermediates") or not hasattr(model, "num_prefix_tokens"):
-        raise ValueError(f"student.arch '{arch}' is not a ViT with token outputs")
+    if not hasattr(model, "forward_intermediates") or getattr(model, "cls_token", None) is None \
+            or getattr(model, "global_pool", "token") != "token":
+        from unic.config import ConfigError
+
+        raise ConfigError(f"student.arch '{arch}' is not a ViT with a cls token and token pooling "
+                          "(the ladder and the evaluations read the cls token)")
     return model
 
 
@@ -43,22 +47,30 @@ def backbone_embedding(model: nn.Module, images_BCHW: torch.Tensor) -> torch.Ten
     return model.forward_features(images_BCHW)[:, 0]
 
 
+def backbone_state_dict(ckpt: dict) -> dict:
+    """The backbone's timm state dict in a training checkpoint, an exported file, or a plain timm file."""
+    if ckpt.get("format") == "unic-train":
+        return {k[len("backbone."):]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")}
+    if ckpt.get("format") in ("unic-student", "unic-universal"):
+        return ckpt["state_dict"]
+    return ckpt
+
+
 def backbone_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> nn.Module:
     """The student backbone stored in a loaded UNIC file (training checkpoint, student or universal export)."""
     fmt = ckpt.get("format")
     if fmt == "unic-train":
         student = ckpt["config"]["student"]
         arch, kwargs, img_size = student["arch"], student["kwargs"], student["img_size"]
-        state = {k[len("backbone."):]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")}
     elif fmt in ("unic-student", "unic-universal"):
-        arch, kwargs, img_size, state = ckpt["arch"], ckpt["model_kwargs"], ckpt["img_size"], ckpt["state_dict"]
+        arch, kwargs, img_size = ckpt["arch"], ckpt["model_kwargs"], ckpt["img_size"]
     else:
         raise ValueError(
             f"{source} is not a UNIC checkpoint (format {fmt!r}, expected unic-train, unic-student or "
             "unic-universal); plain timm files load with timm.create_model(arch, pretrained_cfg_overlay=dict(file=path))"
         )
     model = build_student(arch, img_size, 0.0, dict(kwargs))
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(backbone_state_dict(ckpt), strict=True)
     model.unic_img_size = img_size
     return model.eval()
 

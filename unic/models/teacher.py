@@ -9,6 +9,11 @@ from torch import nn
 from teachers import build_teacher_model, get_spec
 
 
+def teacher_key(name: str) -> str:
+    """Module-dict key of a teacher name (``timm:<model>.<tag>`` holds a dot, which modules cannot)."""
+    return name.replace(".", "_")
+
+
 class FrozenTeacher(nn.Module):
     """A teacher that is eval() forever, never needs gradients and is never wrapped in DDP."""
 

@@ -9,17 +9,21 @@ from unic.data.folders import ImageListDataset
 from unic.data.sampling import DomainBatchSampler, DomainSampler, GlobalBatchSampler
 
 
-def _loader(dataset, batch_sampler, num_workers: int, pin: bool) -> DataLoader:
-    # a private generator keeps DataLoader start-up from consuming the global RNG (exact resume)
+def _loader(dataset, batch_sampler, num_workers: int, pin: bool, timeout_s: float) -> DataLoader:
+    # a private generator keeps DataLoader start-up from consuming the global RNG (exact resume);
+    # the timeout turns a stuck worker (dead network file system, ...) into an error instead of a hang
     return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers, pin_memory=pin,
-                      generator=torch.Generator(), persistent_workers=False)
+                      generator=torch.Generator(), persistent_workers=False,
+                      timeout=timeout_s if num_workers > 0 else 0)
 
 
 class EpochBatches:
     """Global batches of a shuffled data set, epoch after epoch; the position is the global step."""
 
-    def __init__(self, dataset: ImageListDataset, sampler: GlobalBatchSampler, num_workers: int, pin: bool):
+    def __init__(self, dataset: ImageListDataset, sampler: GlobalBatchSampler, num_workers: int, pin: bool,
+                 timeout_s: float = 0.0):
         self.dataset, self.sampler, self.num_workers, self.pin = dataset, sampler, num_workers, pin
+        self.timeout_s = timeout_s
         self.step, self._iter = 0, None
 
     def start(self, step: int) -> None:
@@ -28,7 +32,7 @@ class EpochBatches:
     def next(self) -> tuple[int | None, dict]:
         if self._iter is None:
             self.sampler.set_position(*divmod(self.step, self.sampler.steps_per_epoch))
-            self._iter = iter(_loader(self.dataset, self.sampler, self.num_workers, self.pin))
+            self._iter = iter(_loader(self.dataset, self.sampler, self.num_workers, self.pin, self.timeout_s))
         batch = next(self._iter)
         self.step += 1
         if self.step % self.sampler.steps_per_epoch == 0:
@@ -49,8 +53,9 @@ class DomainBatches:
     """One domain per step (the same on every rank), each domain an endless, resumable stream of batches."""
 
     def __init__(self, dataset: ImageListDataset, global_batch: int, rank: int, world: int, seed: int,
-                 domain_sampler: DomainSampler, num_workers: int, pin: bool):
+                 domain_sampler: DomainSampler, num_workers: int, pin: bool, timeout_s: float = 0.0):
         self.dataset, self.domain_sampler = dataset, domain_sampler
+        self.timeout_s = timeout_s
         self.global_batch, self.rank, self.world, self.seed = global_batch, rank, world, seed
         self.pin = pin
         domains = [d for _, _, d in dataset.samples]
@@ -69,7 +74,7 @@ class DomainBatches:
         if self._iters[domain] is None:
             sampler = DomainBatchSampler(self.sizes[domain], self.global_batch, self.rank, self.world, self.seed,
                                          domain, start_batch=self.consumed[domain], offset=self.offsets[domain])
-            self._iters[domain] = iter(_loader(self.dataset, sampler, self.workers, self.pin))
+            self._iters[domain] = iter(_loader(self.dataset, sampler, self.workers, self.pin, self.timeout_s))
         return self._iters[domain]
 
     def next(self) -> tuple[int, dict]:

@@ -16,14 +16,25 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_NAME = "checkpoint.pth"
 
 
-def atomic_save(obj, path: str) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: readers see old or new, never half."""
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, ...); the previous one is intact."""
+
+
+def atomic_save(obj, path: str, step: int | None = None) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename: readers see old or new, never half.
+
+    A failed write (full disk, killed process) leaves the previous file untouched; the temporary file is
+    removed when the process survives, and is never picked up by a loader when it does not (its name is
+    not ``path``). ``step`` only serves the chaos suite's fault injection.
+    """
+    from unic.train import faults
+
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            torch.save(obj, faults.wrap_checkpoint_file(f, step) if step is not None else f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -32,10 +43,23 @@ def atomic_save(obj, path: str) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(err, OSError):
+            raise CheckpointWriteError(
+                f"could not write {path} ({err.strerror or err}); the previous checkpoint is intact"
+            ) from None
         raise
+
+
+def remove_partial_files(folder: str) -> list[str]:
+    """Delete temporary files left by writes that were killed half-way (never loaded, only litter)."""
+    removed = []
+    for tmp in glob.glob(os.path.join(folder, ".*.tmp*")):
+        os.remove(tmp)
+        removed.append(tmp)
+    return removed
 
 
 def load_checkpoint(path: str) -> dict:

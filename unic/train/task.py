@@ -63,8 +63,8 @@ class UnicTask:
         grid = (images_BCHW.shape[-2] // self.patch_size, images_BCHW.shape[-1] // self.patch_size)
         raw = {}
         for name, teacher in self.teachers.items():
-            out = teacher(images_BCHW, self.input_mean, self.input_std, grid)
-            raw[name] = {k: v.clone() for k, v in out.items()}  # inference tensors -> normal tensors
+            # inference tensors; the standardiser's out-of-place ops turn them into ordinary tensors
+            raw[name] = teacher(images_BCHW, self.input_mean, self.input_std, grid)
         momentum = 0.0 if step is None else std_momentum(step, self.total_steps, self.momentum_start, self.momentum_end)
         return self.standardizer(raw, momentum)
 
@@ -76,11 +76,13 @@ class UnicTask:
         model: nn.Module | None = None,
         domain: str | None = None,
         labels_B: torch.Tensor | None = None,
+        outputs: dict | None = None,
     ) -> dict[str, torch.Tensor]:
         """Training: ``step`` set, DDP model. Evaluation: ``step=None``, ``drop=False`` and the unwrapped
         ``model``, so that no collective runs per batch (ranks may see different numbers of batches).
-        ``domain``/``labels`` enable the UDON terms for a batch of that domain."""
-        out = (model or self.model)(images_BCHW)
+        ``domain``/``labels`` enable the UDON terms for a batch of that domain; ``outputs`` reuses a forward
+        pass of the model already made on these images."""
+        out = outputs if outputs is not None else (model or self.model)(images_BCHW)
         result: dict[str, torch.Tensor] = {}
         loss = torch.zeros((), device=images_BCHW.device)
         if self.distills:

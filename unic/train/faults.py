@@ -1,0 +1,92 @@
+"""Fault injection for the chaos suite (``scripts/chaos.py``); inert unless ``UNIC_FAULTS`` is set.
+
+``UNIC_FAULTS="kill:rank=1:step=7:attempt=0;nan:rank=0:step=3"`` — each fault fires once, on that rank,
+when the training step counter reaches ``step``, in the torchrun attempt ``attempt`` (the restart count,
+default 0). Kinds: ``kill`` (SIGKILL), ``term`` (SIGTERM), ``hang`` (sleep forever), ``nan`` (the step's
+loss becomes NaN), ``save_crash`` (killed half-way through writing a checkpoint) and ``save_enospc`` (the
+checkpoint write fails with "no space left on device").
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+KINDS = ("kill", "term", "hang", "nan", "save_crash", "save_enospc")
+
+
+@dataclass
+class Fault:
+    kind: str
+    rank: int
+    step: int
+    attempt: int = 0
+
+
+def parse(spec: str) -> list[Fault]:
+    faults = []
+    for item in filter(None, (s.strip() for s in spec.split(";"))):
+        kind, *fields = item.split(":")
+        if kind not in KINDS:
+            raise ValueError(f"UNIC_FAULTS: unknown fault kind {kind!r} (known: {', '.join(KINDS)})")
+        values = dict(f.split("=", 1) for f in fields)
+        faults.append(Fault(kind, int(values.get("rank", 0)), int(values["step"]), int(values.get("attempt", 0))))
+    return faults
+
+
+_FAULTS = parse(os.environ.get("UNIC_FAULTS", ""))
+
+
+def _due(kind: str, step: int) -> bool:
+    if not _FAULTS:
+        return False
+    from unic import distributed
+
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    rank = distributed.get_rank()
+    return any(f.kind == kind and f.rank == rank and f.step == step and f.attempt == attempt for f in _FAULTS)
+
+
+def at_step(step: int) -> None:
+    """Process-level faults, checked at the start of each step."""
+    if _due("kill", step):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if _due("term", step):
+        os.kill(os.getpid(), signal.SIGTERM)
+    if _due("hang", step):
+        while True:
+            time.sleep(3600)
+
+
+def poison_loss(step: int) -> bool:
+    return _due("nan", step)
+
+
+class _FaultyFile:
+    """Wraps a file being written: dies (or reports a full disk) after half of ``limit`` bytes."""
+
+    def __init__(self, f, kind: str, limit: int = 4096):
+        self.f, self.kind, self.limit, self.written = f, kind, limit, 0
+
+    def write(self, data) -> int:
+        if self.written + len(data) > self.limit // 2:
+            if self.kind == "save_crash":
+                self.f.write(bytes(data[: max(self.limit // 2 - self.written, 0)]))
+                self.f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        self.written += len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def wrap_checkpoint_file(f, step: int):
+    for kind in ("save_crash", "save_enospc"):
+        if _due(kind, step):
+            return _FaultyFile(f, kind)
+    return f
