@@ -65,7 +65,7 @@ def main() -> None:
     def step(i: int) -> None:
         trainer.step = i % trainer.total_steps
         images, domain, labels = batches[i % len(batches)]
-        trainer.train_step(images, False, domain, labels)
+        trainer.train_step(images, domain, labels)
 
     for i in range(args.warmup):
         step(i)

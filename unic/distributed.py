@@ -56,9 +56,17 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> torch.d
         torch_device = torch.device("cpu")
     if launched_by_torchrun() and not is_enabled():
         backend = "nccl" if use_cuda else "gloo"
+        timeout = datetime.timedelta(seconds=timeout_s)
+        # torchrun's agent keeps one store across restarts: without a per-attempt prefix a restarted group
+        # can read its peers' addresses from the previous attempt ("connectFullMesh ... Connection refused")
+        store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group(
             backend=backend,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            store=dist.PrefixStore(f"unic/attempt{attempt}/", store),
+            rank=rank,
+            world_size=world,
+            timeout=timeout,
             device_id=torch_device if use_cuda else None,
         )
         logger.info("initialised %s process group: rank %d / %d", backend, get_rank(), get_world_size())

@@ -10,6 +10,7 @@ every rank holds the same value and checkpoints carry it.
 
 from __future__ import annotations
 
+import abc
 import inspect
 import logging
 import math
@@ -66,7 +67,7 @@ def _global_sums(*values: torch.Tensor | float, device: torch.device) -> torch.T
     return distributed.all_reduce_sum(stacked)
 
 
-class MarginHead(nn.Module):
+class MarginHead(nn.Module, abc.ABC):
     """Base head: class weights (C*k, D) and the float32 cosine to each class (max over its k sub-centres).
 
     Weights start as N(0, 0.01): only their direction matters, and a small isotropic init gives near
@@ -99,8 +100,9 @@ class MarginHead(nn.Module):
             logits = self._logits(cos_BC, labels, embeddings)
         return (logits, cos_BC) if return_cosine else logits
 
+    @abc.abstractmethod
     def _logits(self, cos_BC: torch.Tensor, labels_B: torch.Tensor, embeddings_BD: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Scaled logits from the cosines (each head's formula)."""
 
     @staticmethod
     def _with_target(cos_BC: torch.Tensor, labels_B: torch.Tensor, target_B: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ def teacher_key(name: str) -> str:
 
 
 class FrozenTeacher(nn.Module):
-    """A teacher that is eval() forever, never needs gradients and is never wrapped in DDP."""
+    """A teacher that stays in eval mode forever, never needs gradients and is never wrapped in DDP."""
 
     def __init__(self, name: str, weights: str | None, weights_dir: str, resolution: int | None = None):
         super().__init__()

@@ -46,10 +46,12 @@ def atomic_save(obj, path: str, step: int | None = None) -> None:
     except BaseException as err:
         if os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(err, OSError):
-            raise CheckpointWriteError(
-                f"could not write {path} ({err.strerror or err}); the previous checkpoint is intact"
-            ) from None
+        if isinstance(err, (OSError, RuntimeError)):  # torch.save re-raises write errors as RuntimeError
+            cause = err
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__cause__ or cause.__context__
+            reason = (cause.strerror or str(cause)) if cause is not None else str(err).splitlines()[0]
+            raise CheckpointWriteError(f"could not write {path} ({reason}); the previous checkpoint is intact") from None
         raise
 
 

@@ -2,7 +2,8 @@
 
 ``UNIC_FAULTS="kill:rank=1:step=7:attempt=0;nan:rank=0:step=3"`` — each fault fires once, on that rank,
 when the training step counter reaches ``step``, in the torchrun attempt ``attempt`` (the restart count,
-default 0). Kinds: ``kill`` (SIGKILL), ``term`` (SIGTERM), ``hang`` (sleep forever), ``nan`` (the step's
+default 0). With ``UNIC_FAULTS_DIR`` set, a fault instead fires the first time its step is reached in any
+attempt (a marker file records it), so restarts that fail for other reasons do not skip planned faults. Kinds: ``kill`` (SIGKILL), ``term`` (SIGTERM), ``hang`` (sleep forever), ``nan`` (the step's
 loss becomes NaN), ``save_crash`` (killed half-way through writing a checkpoint) and ``save_enospc`` (the
 checkpoint write fails with "no space left on device").
 """
@@ -45,8 +46,16 @@ def _due(kind: str, step: int) -> bool:
         return False
     from unic import distributed
 
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
     rank = distributed.get_rank()
+    markers = os.environ.get("UNIC_FAULTS_DIR")
+    if markers:
+        for f in _FAULTS:
+            marker = os.path.join(markers, f"{f.kind}-rank{f.rank}-step{f.step}")
+            if f.kind == kind and f.rank == rank and f.step == step and not os.path.exists(marker):
+                open(marker, "w").close()
+                return True
+        return False
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
     return any(f.kind == kind and f.rank == rank and f.step == step and f.attempt == attempt for f in _FAULTS)
 
 
