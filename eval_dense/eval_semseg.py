@@ -55,7 +55,6 @@ from unic.train.logger import MetricsWriter, setup_logging
 logger = logging.getLogger("eval_semseg")
 
 LAYERS = {"last": 1, "last4": 4}
-PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 HEAD_FORMAT = "unic-semseg-linear-head"
 
 
@@ -229,8 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging()
         validate_args(args)  # after init: the batch must split evenly over the processes
         num_last_blocks = LAYERS[args.layers]
-        dtype = (torch.bfloat16 if device.type == "cuda" else None) if args.precision == "auto" \
-            else PRECISIONS[args.precision]
+        dtype = distributed.autocast_dtype(args.precision, device)
         encoder = load_encoder(args.pretrained, "backbone", args.weights, device)
         backbone = FrozenPatchBackbone(encoder, num_last_blocks, autocast_dtype=dtype)
         mean_255 = [255.0 * m for m in encoder.mean]

@@ -34,7 +34,6 @@ from unic.train.logger import setup_logging
 
 logger = logging.getLogger("main_ft_extract")
 
-PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -101,12 +100,6 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--split_no must be in 1..10, got {args.split_no}")
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return PRECISIONS[precision]
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -142,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args, splits, encoder, encode, image_size: int, output_dir: str, device: torch.device) -> None:
     """Extract both splits (sharded over ranks), then rank 0 writes the feature files and extract_info.json."""
-    dtype = autocast_dtype(args.precision, device)
+    dtype = distributed.autocast_dtype(args.precision, device)
     transform = eval_transform(image_size, args.crop_ratio, encoder.mean, encoder.std)
     logger.info("encoder %s (%s tokens) at %d px on %s, %d process(es); %s: %d classes",
                 encoder.name, args.token_type, image_size, device, distributed.get_world_size(), args.dataset,

@@ -40,7 +40,8 @@ def load_weights_file(path: str) -> dict:
 
         return load_file(path, device="cpu")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: a multi-GB teacher is paged in as it is copied to the model, not held twice in RAM per rank
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
         raise CheckpointFormatError(
             f"{path} is not a weights-only checkpoint (it holds pickled Python objects, which are refused "

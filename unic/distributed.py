@@ -17,6 +17,18 @@ import torch.distributed as dist
 logger = logging.getLogger(__name__)
 
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a precision setting: auto = bf16 on CUDA, fp32 (no autocast) on CPU."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision not in AUTOCAST_DTYPES:
+        raise ValueError(f"unknown precision {precision!r}: auto, bf16, fp16 or fp32")
+    return AUTOCAST_DTYPES[precision]
+
+
 def is_enabled() -> bool:
     return dist.is_available() and dist.is_initialized()
 

@@ -71,7 +71,6 @@ DESCRIPTOR_FILE = "descriptors.npz"
 DESCRIPTOR_FORMAT = "unic-descriptors"
 _META_KEY = "__meta__"
 _ARRAY_KEY = re.compile(r"(?P<domain>.+):(?P<split>[^:]+):(?P<kind>x|y)")
-_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class InputError(Exception):
@@ -659,7 +658,7 @@ def _check_flags(cfg: EvalConfig) -> None:
         raise ValueError(f"--crop_ratio must be in (0, 1], got {cfg.crop_ratio}")
     if cfg.img_size is not None and cfg.img_size < 1:
         raise ValueError(f"--img_size must be >= 1, got {cfg.img_size}")
-    if cfg.precision not in ("auto", *_AUTOCAST):
+    if cfg.precision not in ("auto", *distributed.AUTOCAST_DTYPES):
         raise ValueError(f"--precision must be auto, fp32, bf16 or fp16, got {cfg.precision}")
     if cfg.data is not None and cfg.data not in DATA_KINDS:
         raise ValueError(f"--data must be one of {DATA_KINDS}, got {cfg.data}")
@@ -813,12 +812,6 @@ def _write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return _AUTOCAST[precision]
-
-
 def run(cfg: EvalConfig, device: torch.device) -> dict:
     """Validate, extract (all ranks), save descriptors, evaluate and report (rank 0). Returns the results on
     rank 0 (``{mode: {domain: {metric: value}}}`` or ``{"knn": ...}``) and ``{}`` on the other ranks."""
@@ -836,7 +829,7 @@ def run(cfg: EvalConfig, device: torch.device) -> dict:
     features, paths = plan.features, plan.paths
     if features is None:
         features, paths, unreadable = extract_descriptors(plan.encoders, plan.sets, device, cfg.batch_size,
-                                                          cfg.num_workers, _autocast_dtype(cfg.precision, device))
+                                                          cfg.num_workers, distributed.autocast_dtype(cfg.precision, device))
         if main_process and unreadable:
             _write_json(os.path.join(plan.output_dir, "bad_images.json"),
                         {"count": len(unreadable), "files": sorted(unreadable)})

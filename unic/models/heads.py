@@ -306,9 +306,10 @@ class AdaFace(MarginHead):
         )
         mean = norm_sum / count
         self.batch_mean.copy_(self.alpha * mean + (1 - self.alpha) * self.batch_mean.double())
-        if count > 1:  # a one-sample global batch has no unbiased std: keep the previous sigma
-            std = torch.sqrt(torch.clamp(norm_sq_sum - count * mean * mean, min=0) / (count - 1))
-            self.batch_std.copy_(self.alpha * std + (1 - self.alpha) * self.batch_std.double())
+        # a one-sample global batch has no unbiased std: keep the previous sigma (torch.where: no host sync)
+        std = torch.sqrt(torch.clamp(norm_sq_sum - count * mean * mean, min=0) / (count - 1).clamp_min(1))
+        updated = self.alpha * std + (1 - self.alpha) * self.batch_std.double()
+        self.batch_std.copy_(torch.where(count > 1, updated, self.batch_std.double()))
 
     def _logits(self, cos_BC, labels_B, embeddings_BD):
         cos_BC = cos_BC.clamp(-1 + self.eps, 1 - self.eps)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
 import resource
@@ -42,7 +41,7 @@ from unic.train.task import UnicTask
 
 logger = logging.getLogger(__name__)
 
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+AUTOCAST = distributed.AUTOCAST_DTYPES
 
 
 class Preempted(Exception):
