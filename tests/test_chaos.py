@@ -2,7 +2,6 @@
 
 import glob
 import importlib.util
-import json
 import os
 import random
 import sys

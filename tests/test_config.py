@@ -3,7 +3,6 @@
 import os
 
 import pytest
-import yaml
 
 from tests.conftest import run_entry, tiny_overrides
 from unic.config import ConfigError, load_config

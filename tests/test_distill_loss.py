@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from unic.losses import distillation_loss
 from unic.losses.distill import teacher_coefficients, token_loss

@@ -14,7 +14,7 @@ from PIL import Image
 
 from eval_dense import eval_semseg
 from tests.conftest import run_entry
-from tests.test_eval_transfer import TINY_VIT, _restore_logging, write_tiny_student  # noqa: F401 - autouse fixture
+from tests.test_eval_transfer import TINY_VIT, write_tiny_student
 from unic.eval.encoders import load_encoder
 from unic.eval.semseg import (
     ADE20KDataset,

@@ -7,7 +7,6 @@ test_transfer_clf.py; here the command lines, the files they write and the data-
 from __future__ import annotations
 
 import json
-import logging
 import os
 import pickle
 
@@ -53,22 +52,6 @@ def write_image_folder(root, splits: dict[str, int], classes=("red", "green", "b
             for i in range(per_class):
                 seed = 100 * label + i + (50 if split == "test" else 0)
                 write_image(root / split / name / f"{i}.png", CLASS_COLORS[label % 3], seed=seed)
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """The entry points point the root logger at this test's stdout and output folder: undo it afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-            handler.close()
-    for handler in handlers:
-        if handler not in root.handlers:
-            root.addHandler(handler)
-    root.setLevel(level)
 
 
 @pytest.fixture(scope="module")

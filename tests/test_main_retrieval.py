@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 
@@ -36,22 +35,6 @@ from unic.eval.search import search_torch
 from unic.train.checkpoint import load_checkpoint
 
 DEMO_DOMAINS = ("digits", "shapes", "gratings", "blobs")
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """``main`` reconfigures the root logger (as a run should); give pytest its handlers back afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-            handler.close()
-    for handler in handlers:
-        if handler not in root.handlers:
-            root.addHandler(handler)
-    root.setLevel(level)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,5 @@
 """Student taps, ladder of projectors and the frozen teacher glue."""
 
-import pytest
-import timm
 import torch
 
 from unic.models.ladder import Ladder, UnicModel

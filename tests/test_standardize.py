@@ -1,6 +1,5 @@
 """Teacher-feature standardisation against a direct computation (SPEC section 3)."""
 
-import math
 
 import pytest
 import torch

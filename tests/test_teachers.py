@@ -7,12 +7,12 @@ import pytest
 import timm
 import torch
 
-from teachers import TEACHERS, CheckpointFormatError, TeacherWeightsError, build_teacher_model, get_spec
+from teachers import TEACHERS, CheckpointFormatError, TeacherSpec, TeacherWeightsError, build_teacher_model, get_spec
 
 TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2}
 
 
-def _tiny_spec(name: str, arch: str, resolution: int = 32, **kwargs) -> "TeacherSpec":
+def _tiny_spec(name: str, arch: str, resolution: int = 32, **kwargs) -> TeacherSpec:
     spec = TEACHERS[name]
     return dataclasses.replace(spec, arch=arch, resolution=resolution,
                                model_kwargs={**spec.model_kwargs, **TINY, "img_size": resolution, **kwargs})

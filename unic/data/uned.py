@@ -8,9 +8,6 @@ from typing import Callable, Sequence
 
 from unic.data.folders import ImageListDataset
 
-UNED_DOMAINS = ("cars", "sop", "inshop", "inat", "met", "gldv2", "food2k", "rp2k")
-
-
 class DataFormatError(ValueError):
     """An info file that does not follow the UnED layout (or tries to leave the data root)."""
 

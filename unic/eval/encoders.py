@@ -141,8 +141,10 @@ def _from_open_clip(name: str, weights: str | None) -> Encoder:
     visual = model.visual
     size = visual.image_size
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
-    mean = getattr(visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)
-    std = getattr(visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)
+    from teachers.registry import CLIP_MEAN, CLIP_STD
+
+    mean = getattr(visual, "image_mean", None) or CLIP_MEAN
+    std = getattr(visual, "image_std", None) or CLIP_STD
     return Encoder(_OpenClipImage(model), "open_clip", size, mean, std, name=name)
 
 
