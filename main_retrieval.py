@@ -97,5 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli() -> None:
+    """Console-script and ``__main__`` entry: exits with main()'s code (see distributed.exit_process)."""
+    distributed.exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

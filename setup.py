@@ -34,11 +34,11 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "unic-train=main_unic:main",
-            "unic-retrieval=main_retrieval:main",
-            "unic-extract-features=eval_transfer.main_ft_extract:main",
+            "unic-train=main_unic:cli",
+            "unic-retrieval=main_retrieval:cli",
+            "unic-extract-features=eval_transfer.main_ft_extract:cli",
             "unic-transfer-clf=eval_transfer.main_clf:main",
-            "unic-semseg=eval_dense.eval_semseg:main",
+            "unic-semseg=eval_dense.eval_semseg:cli",
         ],
     },
 )

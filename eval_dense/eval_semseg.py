@@ -355,5 +355,10 @@ def evaluate(args, backbone, head, dataset, device) -> dict:
     return summarize(confusion.compute(), args.num_classes)
 
 
+def cli() -> None:
+    """Console-script and ``__main__`` entry: exits with main()'s code (see distributed.exit_process)."""
+    distributed.exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

@@ -178,5 +178,10 @@ def run(args, splits, encoder, encode, image_size: int, output_dir: str, device:
     distributed.barrier()
 
 
+def cli() -> None:
+    """Console-script and ``__main__`` entry: exits with main()'s code (see distributed.exit_process)."""
+    distributed.exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

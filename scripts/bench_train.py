@@ -112,11 +112,13 @@ def main() -> None:
         result["gpu_utilisation_pct"] = utilisation
     else:
         result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    rank = distributed.get_rank()
     trainer.close()
     distributed.destroy_distributed()
-    if distributed.get_rank() == 0:
+    if rank == 0:
         print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
     main()
+    distributed.exit_process(0)

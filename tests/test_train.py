@@ -119,3 +119,22 @@ def test_two_process_ddp_matches_one_process(tmp_path, demo_root):
     w1, w2 = _final_weights(one), _final_weights(two)
     for key in w1:
         torch.testing.assert_close(w1[key], w2[key], rtol=1e-3, atol=1e-5)
+
+
+def test_exit_under_torchrun_keeps_code_output_and_logs(tmp_path):
+    """Entry points under torchrun leave through os._exit (gloo threads can abort a finalising interpreter):
+    the exit code, buffered stdout and logging handlers must survive it."""
+    log = tmp_path / "run.log"
+    code = ("import logging, sys\n"
+            "from unic import distributed\n"
+            f"logging.basicConfig(filename={str(log)!r}, level=logging.INFO)\n"
+            "logging.getLogger('x').info('logged line')\n"
+            "print('printed line'); sys.stderr.write('stderr line')\n"
+            "distributed.exit_process(3)\n"
+            "print('never')\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**env, "RANK": "0", "WORLD_SIZE": "1"})
+    assert result.returncode == 3
+    assert result.stdout == "printed line\n" and result.stderr == "stderr line"
+    assert "logged line" in log.read_text()

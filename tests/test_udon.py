@@ -33,8 +33,8 @@ def test_udon_terms_match_direct_computation():
     out = udon_loss(teacher_raw, universal_raw, labels, head_t, head_u, temperature=0.1, relational_weight=32.0)
 
     e_t, e_u = F.normalize(teacher_raw, dim=-1), F.normalize(universal_raw, dim=-1)
-    cos_t = e_t @ F.normalize(head_t.weight, dim=-1).T
-    cos_u = e_u @ F.normalize(head_u.weight, dim=-1).T
+    cos_t = (e_t @ F.normalize(head_t.weight, dim=-1).T).detach()
+    cos_u = (e_u @ F.normalize(head_u.weight, dim=-1).T).detach()
     ce_t = np.mean([-math.log(math.exp(16 * cos_t[i, labels[i]]) / sum(math.exp(16 * c) for c in cos_t[i])) for i in range(6)])
     ce_u = np.mean([-math.log(math.exp(16 * cos_u[i, labels[i]]) / sum(math.exp(16 * c) for c in cos_u[i])) for i in range(6)])
     p_t, p_s = torch.softmax(cos_t / 0.1, -1), torch.softmax(cos_u / 0.1, -1)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import sys
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -88,6 +90,23 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> torch.d
 def destroy_distributed() -> None:
     if is_enabled():
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End an entry point with ``code``. Under torchrun the interpreter's finalisation is skipped
+    (``os._exit`` after flushing logs and streams): a gloo worker thread may still be releasing the work
+    of the last collective, which takes the GIL, and doing so while the interpreter shuts down aborts the
+    process ("terminate called without an active exception", SIGABRT), which torchrun counts as a failure
+    and answers with a restart. Call it after the process group is destroyed and files are closed."""
+    if not launched_by_torchrun():
+        sys.exit(code)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing left to lose
+            pass
+    os._exit(code)
 
 
 def barrier() -> None:
