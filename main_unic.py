@@ -2,7 +2,8 @@
 
     torchrun --nproc_per_node N main_unic.py [--config unic/configs/<preset>.yaml] [key=value ...]
 
-With no argument it trains the embedded demo (small student, two small random teachers, generated data).
+With no argument it trains the embedded demo (unic/configs/demo.yaml: small student, two small random teachers,
+generated data).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 
 from teachers import CheckpointFormatError, TeacherWeightsError
 from unic import distributed
-from unic.config import ConfigError, load_config
+from unic.config import DEMO_CONFIG, ConfigError, load_config
 from unic.data.uned import DataFormatError
 from unic.train.checkpoint import CheckpointWriteError
 
@@ -22,7 +23,8 @@ logger = logging.getLogger("main_unic")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="YAML preset (only what differs from the defaults)")
+    parser.add_argument("--config", default=DEMO_CONFIG,
+                        help="YAML preset, only what differs from the schema defaults (default: the demo, %(default)s)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4 data.root=/imagenet")
     return parser.parse_args(argv)
 

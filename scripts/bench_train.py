@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from unic import distributed  # noqa: E402
-from unic.config import load_config  # noqa: E402
+from unic.config import DEMO_CONFIG, load_config  # noqa: E402
 
 # dense bf16/fp16 tensor-core peaks (TFLOP/s) used for MFU; override with --peak_tflops
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -39,7 +39,7 @@ def peak_tflops(override: float | None) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None)
+    parser.add_argument("--config", default=DEMO_CONFIG, help="YAML preset (default: the demo)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--peak_tflops", type=float, default=None, help="per-device peak for MFU")

@@ -5,12 +5,16 @@ import os
 import pytest
 
 from tests.conftest import run_entry, tiny_overrides
-from unic.config import ConfigError, load_config
+from main_unic import parse_args
+from unic.config import DEMO_CONFIG, ConfigError, load_config
 
 
-def test_defaults_are_the_demo_and_overrides_merge(tmp_path):
+def test_schema_defaults_demo_preset_and_overrides_merge(tmp_path):
     cfg = load_config()
-    assert cfg.data.dataset == "demo" and len(cfg.teachers.names) == 2
+    assert (cfg.ladder.hidden_dim, cfg.ladder.last_hidden_dim) == (768, 3072)  # SPEC section 2
+    demo = load_config(DEMO_CONFIG)
+    assert demo.data.dataset == "demo" and len(demo.teachers.names) == 2 and demo.ladder.hidden_dim == 128
+    assert parse_args([]).config == DEMO_CONFIG  # python main_unic.py runs the demo
     preset = tmp_path / "p.yaml"
     preset.write_text("optim:\n  lr: 0.5\nstudent:\n  arch: vit_small_patch16_224\n")
     cfg = load_config(str(preset), ["optim.lr=0.25", "teachers.weights.toy_vit_p16_d96=/w.pth"])

@@ -37,7 +37,8 @@ def test_demo_entry_point_end_to_end(tmp_path, demo_root):
     assert any(k.startswith("kept/") for k in train[-1]) and any(k.endswith("/patch") for k in train[-1])
     val = _metrics(out, "val")
     assert val and 0.0 <= val[-1]["knn20_top1"] <= 1.0 and val[-1]["loss"] > 0
-    assert train[-1]["loss"] < train[0]["loss"]
+    # the distillation loss falls (the total also holds the UDON term of whichever domain each step drew)
+    assert train[-1]["loss/distill"] < train[0]["loss/distill"]
 
     # the checkpoint loads weights-only and the student comes back from both files
     ckpt = load_checkpoint(str(out / "checkpoint.pth"))
@@ -100,8 +101,10 @@ def test_resume_after_kill_is_exact(tmp_path, demo_root):
 def test_two_process_ddp_matches_one_process(tmp_path, demo_root):
     # UNIC distillation (with dropping) + UDON heads on the same batches. UDON's relational term is defined
     # over the pairs of the *local* batch (SPEC 6), so it alone depends on the process count: switched off here.
+    # AdamW turns summation-order noise in near-zero gradients into update differences of order lr, so the
+    # weights are compared after 6 steps at a small lr (the per-step losses are compared at any lr).
     common = {"train.validate": True, "loss.drop_prob": 0.5, "train.log_every": 1, "train.max_steps": 6,
-              "udon.relational_weight": 0.0}
+              "udon.relational_weight": 0.0, "optim.lr": 5e-5, "udon.head_lr": 5e-5}
     one = tmp_path / "one"
     result = run_entry(["main_unic.py", *tiny_overrides(demo_root, str(one), **common, **{"data.batch_size_per_gpu": 16})])
     assert result.returncode == 0, result.stderr[-3000:]

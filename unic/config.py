@@ -1,8 +1,10 @@
 """Configuration schema, loading and validation.
 
 Merge order (as dinov2's ``get_cfg_from_args``): schema defaults <- ``--config file.yaml`` <- ``key=value``
-dotlist. The schema defaults are the embedded demo, so ``python main_unic.py`` runs with no argument;
-presets in ``unic/configs/`` hold only what differs. Unknown keys and bad types fail before any work with
+dotlist. The schema defaults are a small model on the generated demo data with the SPEC's values for the
+method (ladder widths, loss weights, UDON terms); presets in ``unic/configs/`` hold only what differs, and
+``demo.yaml`` (:data:`DEMO_CONFIG`, what ``python main_unic.py`` runs with no argument) sizes and schedules
+the demo to learn in minutes on a CPU. Unknown keys and bad types fail before any work with
 a message naming the key (and the closest valid key).
 """
 
@@ -17,6 +19,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+
+
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.yaml")
 
 
 class ConfigError(ValueError):

@@ -1,7 +1,7 @@
 """The embedded demo set: small multi-domain data generated on first use, written in the UnED layout.
 
 Domains: ``digits`` (sklearn's bundled handwritten digits, a real data set), and three procedural ones,
-``shapes`` (shape classes, random colour/position/size), ``gratings`` (orientation x frequency classes)
+``shapes`` (shape classes, random colour/position/size), ``gratings`` (stripe orientation x frequency classes)
 and ``blobs`` (hue classes of random Gaussian blobs). Everything is generated from a fixed seed, so
 every machine gets the same files; no download anywhere.
 """
@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 
 logger = logging.getLogger(__name__)
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2  # 2: grating classes no longer mirror images of each other
 DEMO_DOMAINS = ("digits", "shapes", "gratings", "blobs")
 IMAGE_SIZE = 64
 SPLITS = {"train": 0.6, "val": 0.2, "test": 0.2}
@@ -58,8 +58,10 @@ def _shape(rng: np.random.Generator, cls: int) -> Image.Image:
 
 
 def _grating(rng: np.random.Generator, cls: int) -> Image.Image:
-    angle = (cls % 4) * np.pi / 4 + rng.normal(0, 0.08)
-    freq = (2.0, 5.0)[cls // 4] + rng.normal(0, 0.2)
+    # vertical or horizontal stripes x 4 frequencies: unchanged by the horizontal flips of training crops
+    # (oblique classes would be: a flip turns 45 degrees into 135)
+    angle = (cls % 2) * np.pi / 2 + rng.normal(0, 0.08)
+    freq = (1.5, 3.0, 4.5, 6.0)[cls // 2] + rng.normal(0, 0.15)
     yy, xx = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE] / IMAGE_SIZE
     wave = np.sin(2 * np.pi * freq * (xx * np.cos(angle) + yy * np.sin(angle)) + rng.uniform(0, 2 * np.pi))
     c1, c2 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)

@@ -395,7 +395,7 @@ def run_logreg(
     logger.info("best hold-out top-1 %.4f with %s", study.best_value, best_params)
 
     # Refit on the whole trainval; "standard" statistics are re-fitted on it too.
-    del X_fit, X_val
+    X_fit = X_val = None  # free the hold-out split before the refit (the objective's cells held it)
     X_all, X_eval = normalize_features(X_trainval, X_test.to(data_device), features_norm)
     pred_test = fit_predict(X_all, Y_trainval, X_eval, best_params)
     metrics = classification_metrics(pred_test, Y_test)
