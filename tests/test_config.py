@@ -40,6 +40,8 @@ def test_presets_load():
     (["teachers.names=[a,a]"], "twice"),
     (["teachers.weights.other=x"], "not in 'teachers.names'"),
     (["optim.betas=[0.9]"], "two numbers"),
+    (["student.std=[0.5,0,0.5]"], "invalid value for 'student.std'.*std > 0"),
+    (["student.mean=[0.5,0.5]"], "invalid value for 'student.mean'.*three numbers"),
     (["novalue"], "key=value"),
 ])
 def test_bad_overrides(overrides, message):

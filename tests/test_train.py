@@ -141,3 +141,34 @@ def test_exit_under_torchrun_keeps_code_output_and_logs(tmp_path):
     assert result.returncode == 3
     assert result.stdout == "printed line\n" and result.stderr == "stderr line"
     assert "logged line" in log.read_text()
+
+
+def test_student_normalisation_reaches_transforms_checkpoints_and_encoders(tmp_path, demo_root):
+    """student.mean/std (e.g. CLIP's for a CLIP-initialised student) is what the training and evaluation
+    transforms apply and what every saved file hands back to load_encoder and unic.load_student."""
+    from teachers.registry import CLIP_MEAN, CLIP_STD
+    from torchvision.transforms import Normalize
+    from unic.config import load_config
+    from unic.eval.encoders import load_encoder
+    from unic.train.loop import build_datasets
+
+    clip = {"student.mean": list(CLIP_MEAN), "student.std": list(CLIP_STD)}
+    cfg = load_config(None, tiny_overrides(demo_root, str(tmp_path / "cfg"), **{k: str(v) for k, v in clip.items()}))
+    for dataset in build_datasets(cfg, udon=True):
+        norm = [t for t in dataset.transform.transforms if isinstance(t, Normalize)]
+        assert len(norm) == 1 and tuple(norm[0].mean) == CLIP_MEAN and tuple(norm[0].std) == CLIP_STD
+
+    out = tmp_path / "run"
+    result = run_entry(["main_unic.py", *tiny_overrides(demo_root, str(out), **{"train.max_steps": 2, **clip})])
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name, embedding in (("checkpoint.pth", "backbone"), ("checkpoint.pth", "universal"),
+                            ("student.pth", "auto"), ("universal.pth", "auto")):
+        enc = load_encoder(str(out / name), embedding)
+        assert enc.mean == CLIP_MEAN and enc.std == CLIP_STD, (name, embedding)
+    model = unic.load_student(str(out / "student.pth"))
+    assert model.pretrained_cfg["mean"] == CLIP_MEAN and model.pretrained_cfg["input_size"] == (3, 32, 32)
+    # files without the field (written before it existed) were trained with ImageNet's normalisation
+    state = load_checkpoint(str(out / "student.pth"))
+    del state["mean"], state["std"]
+    torch.save(state, tmp_path / "old.pth")
+    assert load_encoder(str(tmp_path / "old.pth")).mean == (0.485, 0.456, 0.406)

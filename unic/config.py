@@ -37,6 +37,10 @@ class StudentConfig:
     img_size: int = 64
     drop_path: float = 0.1
     pretrained: Optional[str] = None  # checkpoint to initialise the student from (timm or UNIC file)
+    # input normalisation of the student (ImageNet's; a CLIP-initialised student wants CLIP's): used by the
+    # training and evaluation transforms, stored in every checkpoint and export, read back by load_encoder
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
 
 
 @dataclass(kw_only=True)
@@ -216,6 +220,10 @@ def _validate(cfg: DictConfig) -> None:
             raise ConfigError(f"invalid value for '{key}': must be in [0, 1], got {value}")
     if not 0.0 < cfg.data.knn_train_fraction:
         raise ConfigError("invalid value for 'data.knn_train_fraction': must be > 0")
+    for key in ("student.mean", "student.std"):
+        value = list(OmegaConf.select(cfg, key))
+        if len(value) != 3 or (key == "student.std" and min(value) <= 0):
+            raise ConfigError(f"invalid value for '{key}': expected three numbers (std > 0), got {value}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"invalid value for 'optim.betas': expected two numbers, got {list(cfg.optim.betas)}")
     for key in ("udon.teacher_dim", "udon.universal_dim", "udon.temperature", "udon.update_every"):

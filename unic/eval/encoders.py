@@ -104,7 +104,8 @@ def _from_unic_file(path: str, embedding: str) -> Encoder:
         head = _linear(heads[domain]["weight"], heads[domain]["bias"])
     elif embedding != "backbone":
         raise ValueError(f"unknown embedding '{embedding}': auto, backbone, universal or domain:<name>")
-    return Encoder(backbone, embedding, img_size, head=head, name=f"{path}:{embedding}")
+    return Encoder(backbone, embedding, img_size, backbone.pretrained_cfg["mean"], backbone.pretrained_cfg["std"],
+                   head=head, name=f"{path}:{embedding}")
 
 
 def _from_timm(name: str, weights: str | None) -> Encoder:

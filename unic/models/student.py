@@ -60,18 +60,26 @@ def backbone_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> nn.Modul
     """The student backbone stored in a loaded UNIC file (training checkpoint, student or universal export)."""
     fmt = ckpt.get("format")
     if fmt == "unic-train":
-        student = ckpt["config"]["student"]
-        arch, kwargs, img_size = student["arch"], student["kwargs"], student["img_size"]
+        meta = ckpt["config"]["student"]
+        arch, kwargs = meta["arch"], meta["kwargs"]
     elif fmt in ("unic-student", "unic-universal"):
-        arch, kwargs, img_size = ckpt["arch"], ckpt["model_kwargs"], ckpt["img_size"]
+        meta = ckpt
+        arch, kwargs = ckpt["arch"], ckpt["model_kwargs"]
     else:
         raise ValueError(
             f"{source} is not a UNIC checkpoint (format {fmt!r}, expected unic-train, unic-student or "
             "unic-universal); plain timm files load with timm.create_model(arch, pretrained_cfg_overlay=dict(file=path))"
         )
+    img_size = meta["img_size"]
     model = build_student(arch, img_size, 0.0, dict(kwargs))
     model.load_state_dict(backbone_state_dict(ckpt), strict=True)
     model.unic_img_size = img_size
+    # the input normalisation it was trained with, where timm's data config helpers look for it
+    # (files written before student.mean/std existed were trained with ImageNet's)
+    from unic.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    model.pretrained_cfg = {**(model.pretrained_cfg or {}), "input_size": (3, img_size, img_size),
+                            "mean": tuple(meta.get("mean", IMAGENET_MEAN)), "std": tuple(meta.get("std", IMAGENET_STD))}
     return model.eval()
 
 

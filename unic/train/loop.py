@@ -23,7 +23,7 @@ from unic.data.demo import ensure_demo_data
 from unic.data.folders import ImageListDataset, image_folder_dataset
 from unic.config import head_options
 from unic.data.sampling import DomainSampler, GlobalBatchSampler
-from unic.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, udon_train_transform, unic_train_transform
+from unic.data.transforms import eval_transform, udon_train_transform, unic_train_transform
 from unic.data.uned import uned_dataset
 from unic.eval.features import extract_features
 from unic.models.ladder import Ladder, UnicModel
@@ -80,8 +80,9 @@ def build_datasets(cfg: DictConfig, udon: bool) -> tuple[ImageListDataset, Image
     the UnED resize (short side, centre crop), ImageNet with the 0.875 centre crop.
     """
     data, size = cfg.data, cfg.student.img_size
-    train_tf = udon_train_transform(size) if udon else unic_train_transform(size)
-    val_tf = eval_transform(size, crop_ratio=0.875 if data.dataset == "imagenet" else 1.0)
+    norm = {"mean": tuple(cfg.student.mean), "std": tuple(cfg.student.std)}
+    train_tf = udon_train_transform(size, **norm) if udon else unic_train_transform(size, **norm)
+    val_tf = eval_transform(size, crop_ratio=0.875 if data.dataset == "imagenet" else 1.0, **norm)
     root = os.path.expanduser(data.root)
     if data.dataset == "demo":
         if distributed.is_main_process():
@@ -247,7 +248,7 @@ class Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.train.seed + 1)
         self.task = UnicTask(
             self.ddp_model, self.total_steps, self.teachers, self.standardizer, self.domain_heads, self.patch_size,
-            torch.tensor(IMAGENET_MEAN, device=self.device), torch.tensor(IMAGENET_STD, device=self.device),
+            torch.tensor(list(cfg.student.mean), device=self.device), torch.tensor(list(cfg.student.std), device=self.device),
             cfg.loss.w_distill, cfg.loss.w_udon, cfg.loss.lam_cos, cfg.loss.lam_sl1, cfg.loss.drop_prob,
             cfg.loss.std_momentum_start, cfg.loss.std_momentum_end, cfg.udon.temperature,
             cfg.udon.relational_weight, self.generator,
@@ -709,4 +710,6 @@ def export_dict(backbone: nn.Module, cfg: DictConfig) -> dict:
         "arch": cfg.student.arch,
         "model_kwargs": dict(cfg.student.kwargs),
         "img_size": cfg.student.img_size,
+        "mean": list(cfg.student.mean),
+        "std": list(cfg.student.std),
     }
