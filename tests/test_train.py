@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -172,3 +173,26 @@ def test_student_normalisation_reaches_transforms_checkpoints_and_encoders(tmp_p
     del state["mean"], state["std"]
     torch.save(state, tmp_path / "old.pth")
     assert load_encoder(str(tmp_path / "old.pth")).mean == (0.485, 0.456, 0.406)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile (inductor) on CPU needs a C++ compiler")
+def test_compiled_student_trains_like_the_eager_one(tmp_path, demo_root):
+    """train.compile=true (inductor on CPU): same per-step losses as eager, same checkpoint keys and files."""
+    common = {"train.max_steps": 4, "train.log_every": 1, "train.validate": False}
+    runs = {}
+    for mode in ("false", "true"):
+        out = tmp_path / f"compile_{mode}"
+        result = run_entry(["main_unic.py", *tiny_overrides(demo_root, str(out), **common, **{"train.compile": mode})],
+                           timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[mode] = out
+    eager, compiled = _metrics(runs["false"]), _metrics(runs["true"])
+    assert len(eager) == len(compiled) == 4
+    for a, b in zip(eager, compiled):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)
+    w_eager, w_compiled = _final_weights(runs["false"]), _final_weights(runs["true"])
+    assert w_eager.keys() == w_compiled.keys()
+    a, b = unic.load_student(str(runs["true"] / "student.pth")), unic.load_student(str(runs["false"] / "student.pth"))
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(a.forward_features(x), b.forward_features(x), rtol=1e-2, atol=1e-3)
