@@ -28,7 +28,6 @@ from unic.data.folders import ImageListDataset
 from unic.data.transforms import eval_transform
 from unic.eval.encoders import load_encoder
 from unic.eval.features import extract_features
-from unic.eval.semseg import allow_any_input_size
 from unic.eval.transfer import FEATURE_SPLITS, TOKEN_TYPES, features_path, save_features, token_encoder
 from unic.train.logger import setup_logging
 
@@ -118,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             if encoder.kind == "open_clip":
                 raise ValueError(f"open_clip encoders run at their own resolution ({encoder.img_size}): drop "
                                  f"--image_size {image_size}")
-            allow_any_input_size(encoder.backbone)  # timm baselines are built for one resolution
+            encoder.allow_any_input_size()  # timm baselines are built for one resolution
         output_dir = args.output_dir or default_output_dir(args, image_size)
         if distributed.is_main_process():
             os.makedirs(output_dir, exist_ok=True)

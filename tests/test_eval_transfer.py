@@ -138,6 +138,13 @@ def test_token_types(student, token_type, dim_factor):
     assert torch.allclose(features, expected, atol=1e-6)
     with pytest.raises(ValueError, match="token_type"):
         token_encoder(encoder, "register")
+    # one pass through the backbone per batch, whatever the token type
+    calls = []
+    hook = encoder.backbone.patch_embed.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        token_encoder(encoder, token_type)(images)
+    hook.remove()
+    assert len(calls) == 1
 
 
 def test_distributed_extraction_matches_single_process(student, folder, tmp_path):

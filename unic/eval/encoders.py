@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,11 +37,22 @@ class Encoder(nn.Module):
     def forward(self, images_BCHW: torch.Tensor) -> torch.Tensor:
         if self.kind == "open_clip":
             return self.backbone(images_BCHW)
-        cls_BD = self.backbone.forward_head(self.backbone.forward_features(images_BCHW), pre_logits=True)
+        return self._descriptor(self.backbone.forward_features(images_BCHW))
+
+    def _descriptor(self, tokens_BLD: torch.Tensor) -> torch.Tensor:
+        cls_BD = self.backbone.forward_head(tokens_BLD, pre_logits=True)
         if self.head is None:
             return cls_BD
         # UDON: heads act on the L2-normalised backbone feature and their outputs are L2-normalised
         return F.normalize(self.head(F.normalize(cls_BD.float(), dim=-1)), dim=-1)
+
+    def descriptor_and_patches(self, images_BCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(what ``forward`` returns (B, D'), final-normed patch tokens of the last block (B, N, D)) from one
+        pass through the backbone."""
+        if not self.is_vit:
+            raise ValueError(f"{self.name} has no patch tokens (it is not a ViT)")
+        tokens_BLD = self.backbone.forward_features(images_BCHW)
+        return self._descriptor(tokens_BLD), tokens_BLD[:, self.backbone.num_prefix_tokens:]
 
     def patch_features(self, images_BCHW: torch.Tensor, num_last_blocks: int = 1) -> torch.Tensor:
         """Final-normed patch tokens of the last ``num_last_blocks`` blocks as one (B, n*D, h, w) map."""
@@ -49,6 +62,20 @@ class Encoder(nn.Module):
             images_BCHW, indices=num_last_blocks, norm=True, output_fmt="NCHW", intermediates_only=True
         )
         return torch.cat(maps, dim=1)
+
+    def allow_any_input_size(self) -> None:
+        """Let a timm ViT built for one resolution accept any input size (positional embeddings resampled on
+        the fly, as ``dynamic_img_size=True`` does): timm baselines are usually built for 224 px."""
+        backbone = self.backbone
+        if not hasattr(backbone, "dynamic_img_size") or backbone.dynamic_img_size:
+            return
+        from timm.layers import Format
+
+        backbone.dynamic_img_size = True
+        patch_embed = backbone.patch_embed
+        patch_embed.strict_img_size = False
+        patch_embed.flatten = False
+        patch_embed.output_fmt = Format.NHWC
 
     @property
     def patch_size(self) -> int:
@@ -80,6 +107,23 @@ def _unic_heads(ckpt: dict) -> tuple[dict | None, dict[str, dict]]:
             domain, param = key[len(prefix):].rsplit(".", 1)
             heads.setdefault(domain, {})[param] = value
     return universal, heads
+
+
+def load_domain_encoders(path: str, domains: Sequence[str], device: str | torch.device = "cpu") -> dict[str, Encoder]:
+    """Each domain's own teacher head on one shared backbone (the specialist "oracle" row UDON reports)."""
+    from unic.train.checkpoint import load_checkpoint
+
+    _, heads = _unic_heads(load_checkpoint(path))
+    missing = [domain for domain in domains if domain not in heads]
+    if missing:
+        raise ValueError(f"{path} has no teacher head for {missing} (has: {sorted(heads)})")
+    base = load_encoder(path, "backbone", device=device)
+    return {
+        domain: Encoder(base.backbone, f"domain:{domain}", base.img_size, base.mean, base.std,
+                        head=_linear(heads[domain]["weight"], heads[domain]["bias"]).to(device),
+                        name=f"{path}:domain:{domain}")
+        for domain in domains
+    }
 
 
 def _from_unic_file(path: str, embedding: str) -> Encoder:

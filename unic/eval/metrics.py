@@ -279,7 +279,9 @@ def _load_set(features: Mapping[str, Mapping[str, EmbeddingSet | tuple]], domain
     return embeddings, labels
 
 
-def _l2_normalize(x: np.ndarray) -> np.ndarray:
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (float32; all-zero rows stay zero)."""
+    x = np.asarray(x, dtype=np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
@@ -321,7 +323,7 @@ def evaluate_uned(
     dims = {query_sets[domain][0].shape[1] for domain in domains}
     if mode == "merged" and len(dims) > 1:
         raise ValueError(f"merged mode needs one embedding dim across domains, got {sorted(dims)}")
-    prepare = _l2_normalize if normalize else (lambda x: x)
+    prepare = l2_normalize if normalize else (lambda x: x)
 
     def ids_for(domain: str, offset: int) -> tuple[np.ndarray, np.ndarray]:
         """Identity ids: the query set shares ids with the index set only when they are the same set."""

@@ -39,7 +39,7 @@ import torch
 
 from unic import distributed
 from unic.data.folders import ImageListDataset, scan_image_folder
-from unic.eval.encoders import Encoder, load_encoder
+from unic.eval.encoders import Encoder, load_domain_encoders, load_encoder
 from unic.eval.features import extract_features
 from unic.eval.knn import weighted_knn
 from unic.eval.metrics import (
@@ -50,6 +50,7 @@ from unic.eval.metrics import (
     EmbeddingSet,
     as_label_matrix,
     evaluate_uned,
+    l2_normalize,
     metrics_depth,
     relevance_matrix,
 )
@@ -240,21 +241,7 @@ def load_encoders(
     if embedding != "oracle":
         encoder = load_encoder(source, embedding, weights, device)
         return {domain: encoder for domain in domains}
-    # the heads' file formats are read in one place, the encoder module
-    from unic.eval.encoders import _linear, _unic_heads
-    from unic.train.checkpoint import load_checkpoint
-
-    _, heads = _unic_heads(load_checkpoint(source))
-    missing = [domain for domain in domains if domain not in heads]
-    if missing:
-        raise ValueError(f"{source} has no teacher head for {missing} (has: {sorted(heads)})")
-    base = load_encoder(source, "backbone", device=device)
-    return {
-        domain: Encoder(base.backbone, f"domain:{domain}", base.img_size, base.mean, base.std,
-                        head=_linear(heads[domain]["weight"], heads[domain]["bias"]).to(device),
-                        name=f"{source}:domain:{domain}")
-        for domain in domains
-    }
+    return load_domain_encoders(source, domains, device)
 
 
 def extract_descriptors(
@@ -445,11 +432,6 @@ def format_table(results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> st
 # neighbour figures
 
 
-def _l2_normalize(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def top_neighbors(
     features: Features, pairs: Pairs, domain: str, query_rows: np.ndarray, k: int = NUM_FIGURE_NEIGHBORS,
     merged: bool = False,
@@ -461,7 +443,7 @@ def top_neighbors(
     searched = list(pairs) if merged else [domain]
     sizes = [len(features[d][pairs[d][1]].embeddings) for d in searched]
     offsets = dict(zip(searched, np.cumsum([0] + sizes[:-1]).tolist()))
-    index_x = np.concatenate([_l2_normalize(features[d][pairs[d][1]].embeddings) for d in searched])
+    index_x = np.concatenate([l2_normalize(features[d][pairs[d][1]].embeddings) for d in searched])
     index_labels = [as_label_matrix(features[d][pairs[d][1]].labels) for d in searched]
     query_split, index_split = pairs[domain]
     query_labels = as_label_matrix(features[domain][query_split].labels)[query_rows]
@@ -475,7 +457,7 @@ def top_neighbors(
     # identities: a query is its own index item only when the domain searches its own query split
     query_ids = offsets[domain] + query_rows if query_split == index_split else np.full(len(query_rows), -1)
     scores, neighbors = search(
-        _l2_normalize(features[domain][query_split].embeddings[query_rows]), index_x, k,
+        l2_normalize(features[domain][query_split].embeddings[query_rows]), index_x, k,
         (query_ids, np.arange(len(index_x))), progress=False,
     )
     query_domain = np.full(len(query_rows), searched.index(domain))

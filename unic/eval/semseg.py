@@ -574,20 +574,6 @@ ADE20K_CLASSES = (
 )
 
 
-def allow_any_input_size(backbone: nn.Module) -> None:
-    """Let a timm ViT built for a fixed resolution accept any input size (positional embeddings resampled on
-    the fly, as ``dynamic_img_size=True`` does): baselines from timm are usually built for 224 px."""
-    if not hasattr(backbone, "dynamic_img_size") or backbone.dynamic_img_size:
-        return
-    from timm.layers import Format
-
-    backbone.dynamic_img_size = True
-    patch_embed = backbone.patch_embed
-    patch_embed.strict_img_size = False
-    patch_embed.flatten = False
-    patch_embed.output_fmt = Format.NHWC
-
-
 def center_pad(images_BCHW: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
     """Zero-pad height and width to multiples of ``multiple``, centred (DINOv2's ``CenterPadding``).
 
@@ -623,7 +609,7 @@ class FrozenPatchBackbone(nn.Module):
         depth = len(getattr(encoder.backbone, "blocks", ()))
         if not 1 <= num_last_blocks <= depth:
             raise ValueError(f"num_last_blocks={num_last_blocks}, but the backbone has {depth} blocks")
-        allow_any_input_size(encoder.backbone)
+        encoder.allow_any_input_size()
         self.encoder = encoder.eval().requires_grad_(False)
         self.num_last_blocks = num_last_blocks
         self.autocast_dtype = autocast_dtype

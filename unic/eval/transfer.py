@@ -73,10 +73,11 @@ def token_encoder(encoder: nn.Module, token_type: str = "cls") -> Callable[[torc
     def encode(images_BCHW: torch.Tensor) -> torch.Tensor:
         if token_type == "cls":
             return encoder(images_BCHW)
-        patch_BD = encoder.patch_features(images_BCHW, 1).mean(dim=(2, 3))
+        cls_BD, patches_BND = encoder.descriptor_and_patches(images_BCHW)  # one backbone pass for both
+        patch_BD = patches_BND.mean(dim=1)
         if token_type == "patch":
             return patch_BD
-        return torch.cat([encoder(images_BCHW).to(patch_BD.dtype), patch_BD], dim=1)
+        return torch.cat([cls_BD.to(patch_BD.dtype), patch_BD], dim=1)
 
     return encode
 
