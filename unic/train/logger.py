@@ -22,6 +22,9 @@ def setup_logging(output_dir: str | None = None, level: int = logging.INFO) -> N
     stream.setFormatter(fmt)
     root.addHandler(stream)
     root.setLevel(level if rank == 0 else logging.WARNING)
+    # faiss reports at INFO each CPU-specific build it could not import ("Could not load library with AVX512
+    # support ... ModuleNotFoundError"), which reads like an error; its warnings still come through
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     if output_dir and rank == 0:
         file_handler = logging.FileHandler(os.path.join(output_dir, "log.txt"))
         file_handler.setFormatter(fmt)
