@@ -38,6 +38,7 @@ def test_demo_entry_point_end_to_end(tmp_path, demo_root):
     assert any(k.startswith("kept/") for k in train[-1]) and any(k.endswith("/patch") for k in train[-1])
     val = _metrics(out, "val")
     assert val and 0.0 <= val[-1]["knn20_top1"] <= 1.0 and val[-1]["loss"] > 0
+    assert val[0]["step"] == 0 and val[-1]["step"] == train[-1]["step"]  # the untrained model is scored too
     # the distillation loss falls (the total also holds the UDON term of whichever domain each step drew)
     assert train[-1]["loss/distill"] < train[0]["loss/distill"]
 
