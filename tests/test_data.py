@@ -102,3 +102,32 @@ def test_global_batch_sampler_is_world_size_independent():
 def test_shard_sampler_concatenates_to_dataset_order():
     shards = [list(ShardSampler(11, r, 3)) for r in range(3)]
     assert sum(shards, []) == list(range(11))
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # more workers than this machine's 2 cores
+def test_domain_streams_get_workers_by_sampling_probability_and_keep_their_batches(demo_root):
+    """UDON's per-domain streams share the data workers in proportion to the sampling probabilities and are
+    re-balanced after a dynamic update; which images each step gets never depends on the workers."""
+    from unic.data.sampling import DomainSampler
+    from unic.train.batches import DomainBatches
+
+    ds = uned_dataset(demo_root, "val", ["digits", "shapes", "blobs"], eval_transform(16))
+    sizes = [sum(1 for *_, d in ds.samples if d == i) for i in range(3)]
+
+    def run(num_workers: int, steps: int = 6):
+        sampler = DomainSampler(sizes, "dynamic", update_every=3, seed=0)
+        batches = DomainBatches(ds, 8, 0, 1, 0, sampler, num_workers, pin=False)
+        allocations, drawn = [list(batches.workers)], []
+        for step in range(steps):
+            domain, batch = batches.next()
+            drawn.append((domain, batch["index"].tolist(), batch["image"].sum().item()))
+            sampler.record(domain, torch.tensor(float(domain == 2) * 5.0 + 0.1))  # blobs looks hardest
+            sampler.maybe_update()
+        batches.close()
+        return allocations + [batches.workers], drawn
+
+    (before, after), with_workers = run(num_workers=6)
+    assert before == [2, 2, 2]  # uniform until the first update
+    assert after[2] > after[0] and after[2] > after[1] and after[0] >= 1  # blobs now drawn most
+    _, without_workers = run(num_workers=0)
+    assert with_workers == without_workers
