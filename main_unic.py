@@ -34,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     trainer = None
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.config == DEMO_CONFIG and cfg.data.dataset != "demo":
+            print(f"warning: no --config given, so the demo preset's small student and schedule are used with "
+                  f"data.dataset={cfg.data.dataset}; pass --config unic/configs/<preset>.yaml for a real recipe",
+                  file=sys.stderr)
         from unic.train.loop import CollectiveTimeoutError, NonFiniteLossError, Preempted, Trainer
 
         try:

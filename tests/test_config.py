@@ -40,7 +40,7 @@ def test_presets_load():
     (["teachers.names=[a,a]"], "twice"),
     (["teachers.weights.other=x"], "not in 'teachers.names'"),
     (["optim.betas=[0.9]"], "two numbers"),
-    (["student.std=[0.5,0,0.5]"], "invalid value for 'student.std'.*std > 0"),
+    (["student.std=[0.5,0,0.5]"], "invalid value for 'student.std'.*three numbers > 0"),
     (["student.mean=[0.5,0.5]"], "invalid value for 'student.mean'.*three numbers"),
     (["novalue"], "key=value"),
 ])
@@ -74,3 +74,14 @@ def test_entry_point_fails_cleanly_before_creating_output(tmp_path, demo_root, e
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and message.split(".*")[0] in error_lines[0]
     assert not out.exists()
+
+
+def test_checkpoints_from_before_student_normalisation_still_resume():
+    from unic.config import resume_mismatches, to_plain
+
+    cfg = load_config(DEMO_CONFIG)
+    saved = to_plain(cfg)
+    del saved["student"]["mean"], saved["student"]["std"]  # as written before the keys existed
+    assert resume_mismatches(saved, cfg) == []
+    clip = load_config(DEMO_CONFIG, ["student.mean=[0.48,0.46,0.41]"])
+    assert resume_mismatches(saved, clip) and "student" in resume_mismatches(saved, clip)[0]

@@ -425,3 +425,18 @@ def test_cog_files_cannot_run_code(tmp_path):
         pickle.dump([Evil()], f)
     with pytest.raises(DatasetError, match="refusing"):
         load_split("cog_l1", str(tmp_path), "test", strict=False)
+
+
+def test_token_types_on_a_timm_cnn_baseline():
+    """timm CNNs have feature maps, not tokens: cls/patch/both still work (the map's mean as patch feature)."""
+    import timm
+
+    from unic.eval.encoders import Encoder
+
+    encoder = Encoder(timm.create_model("resnet18", pretrained=False, num_classes=0), "backbone", 32, name="resnet18")
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        cls, both = token_encoder(encoder, "cls")(images), token_encoder(encoder, "both")(images)
+        patch = encoder.patch_features(images, 1).mean(dim=(2, 3))
+    assert both.shape == (2, 1024)
+    torch.testing.assert_close(both, torch.cat([cls, patch], dim=1))

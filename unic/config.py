@@ -21,6 +21,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
 
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # as unic.data.transforms (torchvision-free here)
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.yaml")
 
 
@@ -39,8 +40,8 @@ class StudentConfig:
     pretrained: Optional[str] = None  # checkpoint to initialise the student from (timm or UNIC file)
     # input normalisation of the student (ImageNet's; a CLIP-initialised student wants CLIP's): used by the
     # training and evaluation transforms, stored in every checkpoint and export, read back by load_encoder
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    mean: list[float] = field(default_factory=lambda: list(_IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(_IMAGENET_STD))
 
 
 @dataclass(kw_only=True)
@@ -223,7 +224,8 @@ def _validate(cfg: DictConfig) -> None:
     for key in ("student.mean", "student.std"):
         value = list(OmegaConf.select(cfg, key))
         if len(value) != 3 or (key == "student.std" and min(value) <= 0):
-            raise ConfigError(f"invalid value for '{key}': expected three numbers (std > 0), got {value}")
+            what = "three numbers > 0" if key == "student.std" else "three numbers"
+            raise ConfigError(f"invalid value for '{key}': expected {what}, got {value}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"invalid value for 'optim.betas': expected two numbers, got {list(cfg.optim.betas)}")
     for key in ("udon.teacher_dim", "udon.universal_dim", "udon.temperature", "udon.update_every"):
@@ -318,6 +320,11 @@ RESUME_KEYS = ("student", "ladder", "teachers.names", "udon", "heads", "loss.w_d
 def resume_mismatches(saved: dict, cfg: DictConfig) -> list[str]:
     """Settings that shape the model, data order or schedules and differ from the checkpoint's config."""
     saved_cfg = OmegaConf.create(saved)
+    student = saved_cfg.get("student")
+    if student is not None:  # written before student.mean/std existed: trained with ImageNet's normalisation
+        for key, default in (("mean", list(_IMAGENET_MEAN)), ("std", list(_IMAGENET_STD))):
+            if key not in student:
+                student[key] = default
     diffs = []
     for key in RESUME_KEYS:
         old, new = OmegaConf.select(saved_cfg, key), OmegaConf.select(cfg, key)

@@ -50,7 +50,10 @@ class Encoder(nn.Module):
         """(what ``forward`` returns (B, D'), final-normed patch tokens of the last block (B, N, D)) from one
         pass through the backbone."""
         if not self.is_vit:
-            raise ValueError(f"{self.name} has no patch tokens (it is not a ViT)")
+            raise ValueError(f"{self.name} has no timm patch tokens")
+        if not hasattr(self.backbone, "num_prefix_tokens"):  # timm CNNs: a feature map, two passes
+            patches_BDhw = self.patch_features(images_BCHW, 1)
+            return self(images_BCHW), patches_BDhw.flatten(2).transpose(1, 2)
         tokens_BLD = self.backbone.forward_features(images_BCHW)
         return self._descriptor(tokens_BLD), tokens_BLD[:, self.backbone.num_prefix_tokens:]
 

@@ -80,6 +80,7 @@ def backbone_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> nn.Modul
 
     model.pretrained_cfg = {**(model.pretrained_cfg or {}), "input_size": (3, img_size, img_size),
                             "mean": tuple(meta.get("mean", IMAGENET_MEAN)), "std": tuple(meta.get("std", IMAGENET_STD))}
+    model.default_cfg = model.pretrained_cfg  # timm's older alias
     return model.eval()
 
 

@@ -79,6 +79,8 @@ class DomainBatches:
     def _rebalance(self) -> None:
         """After a dynamic update, restart the streams whose share of the workers changed (at their position)."""
         workers = self.allocate_workers()
+        if sum(abs(new - old) for old, new in zip(self.workers, workers)) * 4 < self.num_workers:
+            return  # under a quarter of the workers would move: not worth restarting streams
         for domain, (old, new) in enumerate(zip(self.workers, workers)):
             if old != new:
                 self._iters[domain] = None

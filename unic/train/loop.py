@@ -528,7 +528,7 @@ class Trainer:
 
     def _train(self) -> None:
         cfg = self.cfg
-        if cfg.train.validate_first and self.step == 0 and self.val_set is not None:
+        if cfg.train.validate and cfg.train.validate_first and self.step == 0 and self.val_set is not None:
             self.validate()
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
