@@ -69,8 +69,8 @@ class DomainBatches:
 
     def allocate_workers(self) -> list[int]:
         """Data workers per domain stream, in proportion to the domain's sampling probability (at least one
-        each, so the total can exceed ``num_workers`` by up to the number of domains): a domain drawn at 40 % of the
-        steps gets 40 % of the decoding capacity. Which images a batch holds never depends on this."""
+        each, so the total can exceed ``num_workers`` by up to the number of domains): a domain drawn at 40 %
+        of the steps gets 40 % of the decoding capacity. Which images a batch holds never depends on this."""
         if self.num_workers == 0:
             return [0] * self.num_domains
         probs = self.domain_sampler.probs.tolist()
