@@ -21,7 +21,8 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
 
-_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # as unic.data.transforms (torchvision-free here)
+# the student's default input normalisation, defined here (no torchvision import) and used by unic.data.transforms
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.yaml")
 
 
@@ -40,8 +41,8 @@ class StudentConfig:
     pretrained: Optional[str] = None  # checkpoint to initialise the student from (timm or UNIC file)
     # input normalisation of the student (ImageNet's; a CLIP-initialised student wants CLIP's): used by the
     # training and evaluation transforms, stored in every checkpoint and export, read back by load_encoder
-    mean: list[float] = field(default_factory=lambda: list(_IMAGENET_MEAN))
-    std: list[float] = field(default_factory=lambda: list(_IMAGENET_STD))
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
 
 
 @dataclass(kw_only=True)
@@ -322,7 +323,7 @@ def resume_mismatches(saved: dict, cfg: DictConfig) -> list[str]:
     saved_cfg = OmegaConf.create(saved)
     student = saved_cfg.get("student")
     if student is not None:  # written before student.mean/std existed: trained with ImageNet's normalisation
-        for key, default in (("mean", list(_IMAGENET_MEAN)), ("std", list(_IMAGENET_STD))):
+        for key, default in (("mean", list(IMAGENET_MEAN)), ("std", list(IMAGENET_STD))):
             if key not in student:
                 student[key] = default
     diffs = []

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from torchvision import transforms as T
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from unic.config import IMAGENET_MEAN, IMAGENET_STD
 BICUBIC = T.InterpolationMode.BICUBIC
 
 
