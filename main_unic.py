@@ -25,8 +25,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=DEMO_CONFIG,
                         help="YAML preset, only what differs from the schema defaults (default: the demo, %(default)s)")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the preflight plan (models, teachers and their files, batch, schedule, FLOPs, "
+                             "memory), write <train.output_dir>/plan.json and exit without training or using a GPU")
+    parser.add_argument("--world_size", type=int, default=None,
+                        help="with --plan: the number of processes the run will use (default: $WORLD_SIZE or 1)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4 data.root=/imagenet")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
+
+
+def run_plan(cfg, world_size: int | None) -> None:
+    """``--plan``: the plan of ``cfg``, reading the train split's size when ``data.root`` is there."""
+    import os
+
+    from unic.train.plan import build_plan, format_plan, write_plan
+
+    world = world_size or int(os.environ.get("WORLD_SIZE", 1))
+    if world < 1:
+        raise ConfigError(f"--world_size must be >= 1, got {world}")
+    num_images = None
+    if os.path.isdir(os.path.expanduser(cfg.data.root)):
+        from unic.train.loop import build_datasets
+
+        udon = cfg.udon.enabled and cfg.loss.w_udon > 0
+        num_images = len(build_datasets(cfg, udon)[0])
+    plan = build_plan(cfg, world, num_images)
+    path = os.path.join(os.path.abspath(os.path.expanduser(cfg.train.output_dir)), "plan.json")
+    write_plan(plan, path)
+    print(format_plan(plan))
+    print(f"plan written to {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warning: no --config given, so the demo preset's small student and schedule are used with "
                   f"data.dataset={cfg.data.dataset}; pass --config unic/configs/<preset>.yaml for a real recipe",
                   file=sys.stderr)
+        if args.plan:
+            run_plan(cfg, args.world_size)
+            return 0
         from unic.train.loop import CollectiveTimeoutError, NonFiniteLossError, Preempted, Trainer
 
         try:

@@ -11,8 +11,8 @@ setup(
     py_modules=["main_unic", "main_retrieval"],
     package_data={"unic": ["configs/*.yaml"]},
     install_requires=[
-        "torch>=2.1,<=2.14.1",
-        "torchvision>=0.16,<=0.29.1",
+        "torch>=2.1",
+        "torchvision>=0.16",
         "timm>=1.0.9",
         "open_clip_torch>=2.24",
         "einops>=0.7",

@@ -97,11 +97,11 @@ def main() -> None:
         "student": cfg.student.arch,
         "teachers": list(cfg.teachers.names),
         "img_size": cfg.student.img_size,
-        "batch_per_device": cfg.data.batch_size_per_gpu,
+        "batch_per_device": trainer.batch_per_gpu,
         "precision": trainer.precision,
         "steps_timed": args.steps,
         "step_time_s": step_time,
-        "images_per_s": cfg.data.batch_size_per_gpu * trainer.world / step_time,
+        "images_per_s": trainer.global_batch / step_time,
         "flops_per_step_per_device": flops_per_step,
         "achieved_tflops_per_device": flops_per_step / step_time / 1e12,
     }

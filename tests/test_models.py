@@ -12,18 +12,32 @@ TINY = {"patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2}
 def test_taps_are_block_outputs_and_last_is_normed():
     model = build_student("vit_tiny_patch16_224", 32, 0.0, TINY).eval()
     x = torch.randn(2, 3, 32, 32)
-    taps = student_taps(model, x)
+    taps, cls = student_taps(model, x)
     assert len(taps) == 3
-    for cls, patch in taps:
-        assert cls.shape == (2, 32) and patch.shape == (2, 16, 32)
+    for tap_cls, patch in taps:
+        assert tap_cls.shape == (2, 32) and patch.shape == (2, 16, 32)
     final = model.forward_features(x)
     torch.testing.assert_close(taps[-1][0], final[:, 0])
     torch.testing.assert_close(taps[-1][1], final[:, 1:])
+    torch.testing.assert_close(cls, final[:, 0])
+
+
+def test_raw_last_tap_is_the_last_block_output_before_the_final_norm():
+    """UNIC's code feeds the raw last block output to the last projector; the cls output stays normed."""
+    model = build_student("vit_tiny_patch16_224", 32, 0.0, TINY).eval()
+    x = torch.randn(2, 3, 32, 32)
+    taps, cls = student_taps(model, x, last_tap="raw")
+    tokens = model.blocks(model.norm_pre(model._pos_embed(model.patch_embed(x))))
+    torch.testing.assert_close(taps[-1][0], tokens[:, 0])
+    torch.testing.assert_close(taps[-1][1], tokens[:, 1:])
+    torch.testing.assert_close(cls, model.norm(tokens)[:, 0])
+    normed, _ = student_taps(model, x, last_tap="normed")
+    assert not torch.allclose(normed[-1][0], taps[-1][0])
 
 
 def test_taps_skip_register_tokens():
     model = build_student("vit_tiny_patch16_224", 32, 0.0, {**TINY, "reg_tokens": 4, "no_embed_class": True}).eval()
-    cls, patch = student_taps(model, torch.randn(1, 3, 32, 32))[0]
+    cls, patch = student_taps(model, torch.randn(1, 3, 32, 32))[0][0]
     assert patch.shape == (1, 16, 32)
 
 

@@ -197,3 +197,45 @@ def test_compiled_student_trains_like_the_eager_one(tmp_path, demo_root):
     a, b = unic.load_student(str(runs["true"] / "student.pth")), unic.load_student(str(runs["false"] / "student.pth"))
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(a.forward_features(x), b.forward_features(x), rtol=1e-2, atol=1e-3)
+
+
+def test_unic_recipe_switches_under_two_process_ddp(tmp_path, demo_root):
+    """UNIC's raw last tap (final norm untrained and outside DDP's reducer), per-parameter clipping and a fixed
+    global batch, as the UNIC presets set them, train under torchrun; the run logs and writes its plan."""
+    out = tmp_path / "raw"
+    extra = {"ladder.last_tap": "raw", "udon.enabled": "false", "data.global_batch": 16, "optim.clip_grad": 0.05,
+             "optim.clip_mode": "per_param", "train.max_steps": 3, "train.validate": "false"}
+    result = run_entry(["main_unic.py", *tiny_overrides(demo_root, str(out), **extra)], nproc=2)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "plan: batch    global 16 = 2 x 8 per GPU" in result.stdout
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["schedule"]["batch_per_gpu"] == 8 and plan["ladder"]["last_tap"] == "raw"
+    model = load_checkpoint(str(out / "checkpoint.pth"))["model"]
+    assert torch.equal(model["backbone.norm.weight"], torch.ones(32))  # never trained: identity affine
+    assert torch.equal(model["backbone.norm.bias"], torch.zeros(32))
+    assert not torch.equal(model["backbone.blocks.1.mlp.fc2.bias"], torch.zeros(32))  # the rest trained
+
+
+def test_per_parameter_clipping_is_uniCs_rule():
+    from unic.train.optim import clip_gradients
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
+    for p, scale in zip(params, (0.01, 1.0, 10.0)):
+        p.grad = torch.randn_like(p) * scale
+    expected, norms = [], []
+    for p in params:  # UNIC's utils.clip_gradients, per parameter
+        norm = p.grad.norm(2)
+        norms.append(norm)
+        coef = 0.5 / (norm + 1e-6)
+        expected.append(p.grad * coef if coef < 1 else p.grad.clone())
+    total = clip_gradients(params, 0.5, "per_param")
+    torch.testing.assert_close(total, torch.stack(norms).norm())
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.grad, e)
+    assert params[0].grad.norm() < 0.5 and params[2].grad.norm() == pytest.approx(0.5, rel=1e-5)
+    # global: one norm for all
+    for p in params:
+        p.grad = torch.ones_like(p)
+    clip_gradients(params, 1.0, "global")
+    assert torch.stack([p.grad.norm() for p in params]).norm() == pytest.approx(1.0, rel=1e-5)

@@ -1,7 +1,9 @@
 """Configuration schema, loading and validation.
 
 Merge order (as dinov2's ``get_cfg_from_args``): schema defaults <- ``--config file.yaml`` <- ``key=value``
-dotlist. The schema defaults are a small model on the generated demo data with the SPEC's values for the
+dotlist. A dict- or list-valued setting given by a file or an override *replaces* the value below it, never
+merges into it (``student.kwargs: {}`` means timm's own architecture); a dotted override into a dict
+(``teachers.weights.dino_vitb16=/w.pth``) sets that one entry. The schema defaults are a small model on the generated demo data with the SPEC's values for the
 method (ladder widths, loss weights, UDON terms); presets in ``unic/configs/`` hold only what differs, and
 ``demo.yaml`` (:data:`DEMO_CONFIG`, what ``python main_unic.py`` runs with no argument) sizes and schedules
 the demo to learn in minutes on a CPU. Unknown keys and bad types fail before any work with
@@ -48,6 +50,9 @@ class StudentConfig:
 @dataclass(kw_only=True)
 class LadderConfig:
     blocks: Optional[list[int]] = None  # block indices that feed the ladder; None = all blocks
+    # the last block's tap: "raw" block output, the final norm never trained (UNIC's code; evaluation features
+    # are then a LayerNorm with its initial identity affine) or "normed" (the final-normed tokens)
+    last_tap: str = "normed"
     hidden_dim: int = 768  # hidden width of every projector but the last block's (UNIC)
     last_hidden_dim: int = 3072  # hidden width of the last block's projector (UNIC)
 
@@ -101,6 +106,9 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     batch_size_per_gpu: int = 64
+    # the global batch; when set, the per-GPU batch is global_batch / world size (which must divide it) and
+    # batch_size_per_gpu is ignored, so a recipe does not depend on the number of GPUs
+    global_batch: Optional[int] = None
     num_workers: int = 2
     knn_train_fraction: float = 1.0  # fraction of the train split used as the kNN bank at validation
     worker_timeout_s: float = 600.0  # a data worker silent for this long is an error, not a hang
@@ -115,7 +123,10 @@ class OptimConfig:
     weight_decay: float = 0.03
     weight_decay_end: float = 0.03
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
-    clip_grad: float = 0.0  # global grad-norm clipping; 0 disables it
+    clip_grad: float = 0.0  # gradient clipping threshold; 0 disables it
+    # global: one norm over all gradients (torch's clip_grad_norm_); per_param: each parameter's gradient
+    # clipped to that norm on its own (UNIC's utils.clip_gradients)
+    clip_mode: str = "global"
     scale_lr: bool = True  # lr given for a global batch of 256 and scaled linearly
 
 
@@ -166,6 +177,8 @@ _CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "udon.sampling": ("dynamic", "round_robin", "size", "uniform"),
+    "ladder.last_tap": ("raw", "normed"),
+    "optim.clip_mode": ("global", "per_param"),
 }
 
 
@@ -227,6 +240,8 @@ def _validate(cfg: DictConfig) -> None:
         if len(value) != 3 or (key == "student.std" and min(value) <= 0):
             what = "three numbers > 0" if key == "student.std" else "three numbers"
             raise ConfigError(f"invalid value for '{key}': expected {what}, got {value}")
+    if cfg.data.global_batch is not None and cfg.data.global_batch <= 0:
+        raise ConfigError(f"invalid value for 'data.global_batch': must be > 0, got {cfg.data.global_batch}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"invalid value for 'optim.betas': expected two numbers, got {list(cfg.optim.betas)}")
     for key in ("udon.teacher_dim", "udon.universal_dim", "udon.temperature", "udon.update_every"):
@@ -281,9 +296,46 @@ def _validate(cfg: DictConfig) -> None:
         )
 
 
+def _free_dicts(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """Paths of the schema's free-form dict fields (``student.kwargs``, ``teachers.weights``)."""
+    paths = []
+    for key in cfg.keys():
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig):
+            if OmegaConf.get_type(node) is dict:
+                paths.append(f"{prefix}{key}")
+            else:
+                paths.extend(_free_dicts(node, f"{prefix}{key}."))
+    return paths
+
+
+def _merge_replacing(cfg: DictConfig, source: DictConfig, replace: list[str]) -> DictConfig:
+    """``OmegaConf.merge`` (which validates keys and types), except that the free-form dicts at the paths
+    ``replace`` that ``source`` gives replace those of ``cfg`` instead of merging into them (lists are
+    replaced by the merge itself)."""
+    merged = OmegaConf.merge(cfg, source)
+    for path in replace:
+        node = OmegaConf.select(source, path, default=None)
+        if isinstance(node, DictConfig):
+            OmegaConf.update(merged, path, node, merge=False)
+    return merged
+
+
+def resolve_batch(cfg: DictConfig, world_size: int) -> tuple[int, int]:
+    """(global batch, per-GPU batch) for ``world_size`` processes: ``data.global_batch`` when set, else
+    ``data.batch_size_per_gpu`` times the world size."""
+    if cfg.data.global_batch is None:
+        return cfg.data.batch_size_per_gpu * world_size, cfg.data.batch_size_per_gpu
+    if cfg.data.global_batch % world_size:
+        raise ConfigError(f"data.global_batch={cfg.data.global_batch} is not divisible by the {world_size} "
+                          "processes; change the number of processes or data.global_batch")
+    return cfg.data.global_batch, cfg.data.global_batch // world_size
+
+
 def load_config(config_file: str | None = None, overrides: list[str] | None = None, schema=UnicConfig) -> DictConfig:
     """Build the run configuration: schema defaults <- YAML file <- ``key=value`` overrides."""
     base = OmegaConf.structured(schema)
+    dict_paths = _free_dicts(base)
     cfg = base
     if config_file:
         if not os.path.isfile(config_file):
@@ -292,16 +344,20 @@ def load_config(config_file: str | None = None, overrides: list[str] | None = No
             file_cfg = OmegaConf.load(config_file)
         except Exception as err:  # YAML syntax errors
             raise ConfigError(f"cannot parse config file {config_file}: {str(err).splitlines()[0]}") from None
+        if not isinstance(file_cfg, DictConfig):
+            raise ConfigError(f"config file {config_file} must hold a mapping of settings, not a list")
         try:
-            cfg = OmegaConf.merge(cfg, file_cfg)
+            cfg = _merge_replacing(cfg, file_cfg, dict_paths)
         except OmegaConfBaseException as err:
             raise _explain(err, base, config_file) from None
     if overrides:
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override '{item}' is not of the form key=value")
-        try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        try:  # one at a time, so that `student.kwargs={}` then `student.kwargs.depth=2` reads as written
+            for item in overrides:
+                key = item.split("=", 1)[0].strip()
+                cfg = _merge_replacing(cfg, OmegaConf.from_dotlist([item]), [key] if key in dict_paths else [])
         except OmegaConfBaseException as err:
             raise _explain(err, base, "command-line overrides") from None
     _validate(cfg)
@@ -315,7 +371,8 @@ def to_plain(cfg: DictConfig) -> dict:
 
 
 RESUME_KEYS = ("student", "ladder", "teachers.names", "udon", "heads", "loss.w_distill", "loss.w_udon",
-               "data.dataset", "data.domains", "data.batch_size_per_gpu", "optim.epochs", "train.seed")
+               "data.dataset", "data.domains", "data.batch_size_per_gpu", "data.global_batch", "optim.epochs",
+               "train.seed")
 
 
 def resume_mismatches(saved: dict, cfg: DictConfig) -> list[str]:
@@ -326,6 +383,9 @@ def resume_mismatches(saved: dict, cfg: DictConfig) -> list[str]:
         for key, default in (("mean", list(IMAGENET_MEAN)), ("std", list(IMAGENET_STD))):
             if key not in student:
                 student[key] = default
+    ladder = saved_cfg.get("ladder")
+    if ladder is not None and "last_tap" not in ladder:  # written before ladder.last_tap: the tap was final-normed
+        ladder["last_tap"] = "normed"
     diffs = []
     for key in RESUME_KEYS:
         old, new = OmegaConf.select(saved_cfg, key), OmegaConf.select(cfg, key)

@@ -73,21 +73,24 @@ class UnicModel(nn.Module):
 
     ``forward(images)`` returns ``cls`` (the final-normed cls token), ``preds`` (ladder predictions per
     teacher, when distilling) and ``universal_raw`` (the unnormalised universal projection, with UDON).
+    ``last_tap`` says what the ladder reads from the last block (see :func:`unic.models.student.student_taps`).
     """
 
-    def __init__(self, backbone: nn.Module, ladder: Ladder | None = None, universal: nn.Module | None = None):
+    def __init__(self, backbone: nn.Module, ladder: Ladder | None = None, universal: nn.Module | None = None,
+                 last_tap: str = "normed"):
         super().__init__()
         self.backbone = backbone
         self.ladder = ladder
         self.udon = nn.Module()
         self.udon.universal = universal
+        self.last_tap = last_tap
 
     def forward(self, images_BCHW: torch.Tensor) -> dict:
         from unic.models.student import student_taps
         from unic.models.universal import udon_embeddings
 
-        taps = student_taps(self.backbone, images_BCHW)
-        out = {"cls": taps[-1][0]}
+        taps, cls_BD = student_taps(self.backbone, images_BCHW, self.last_tap)
+        out = {"cls": cls_BD}
         if self.ladder is not None:
             out["preds"] = self.ladder(taps)
         if self.udon.universal is not None:

@@ -28,18 +28,25 @@ def build_student(arch: str, img_size: int, drop_path: float = 0.0, kwargs: dict
     return model
 
 
-def student_taps(model: nn.Module, images_BCHW: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(cls (B, D), patch (B, N, D)) after every block; the last block's tokens are final-normed.
+def student_taps(
+    model: nn.Module, images_BCHW: torch.Tensor, last_tap: str = "normed",
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """The ladder's inputs, (cls (B, D), patch (B, N, D)) after every block, and the final-normed cls (B, D).
 
     Intermediate taps are the raw block outputs (the ladder learns its own scaling); register tokens are
-    skipped. The last tap is exactly the backbone output used at evaluation.
+    skipped. The last tap is the raw output of the last block with ``last_tap="raw"`` (UNIC's code: the final
+    norm then takes no part in distillation) or the final-normed tokens with ``"normed"``, which are exactly
+    the backbone output used at evaluation.
     """
     final_BLD, intermediates = model.forward_intermediates(
         images_BCHW, indices=None, norm=False, output_fmt="NLC", return_prefix_tokens=True
     )
-    taps = [(prefix[:, 0], spatial) for spatial, prefix in intermediates[:-1]]
-    taps.append((final_BLD[:, 0], final_BLD[:, model.num_prefix_tokens:]))
-    return taps
+    taps = [(prefix[:, 0], spatial) for spatial, prefix in intermediates]
+    if last_tap == "normed":
+        taps[-1] = (final_BLD[:, 0], final_BLD[:, model.num_prefix_tokens:])
+    elif last_tap != "raw":
+        raise ValueError(f"last_tap must be 'raw' or 'normed', got {last_tap!r}")
+    return taps, final_BLD[:, 0]
 
 
 def backbone_embedding(model: nn.Module, images_BCHW: torch.Tensor) -> torch.Tensor:

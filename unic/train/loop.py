@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from unic import distributed
-from unic.config import ConfigError, resume_mismatches, save_config, to_plain
+from unic.config import ConfigError, resolve_batch, resume_mismatches, save_config, to_plain
 from unic.data.demo import ensure_demo_data
 from unic.data.folders import ImageListDataset, image_folder_dataset
 from unic.config import head_options
@@ -35,7 +35,7 @@ from unic.train import faults
 from unic.train.logger import MetricsWriter, setup_logging
 from unic.models.universal import DomainHeads
 from unic.train.batches import DomainBatches, EpochBatches
-from unic.train.optim import apply_schedules, cosine_schedule, param_groups
+from unic.train.optim import apply_schedules, clip_gradients, cosine_schedule, param_groups
 from unic.train.standardize import TeacherStandardizer
 from unic.train.task import UnicTask
 
@@ -128,6 +128,7 @@ class Trainer:
         self.cfg = cfg
         self.device = distributed.init_distributed(cfg.train.device, cfg.train.collective_timeout_s)
         self.rank, self.world = distributed.get_rank(), distributed.get_world_size()
+        self.global_batch, self.batch_per_gpu = resolve_batch(cfg, self.world)
         setup_logging(None)
         self.precision = resolve_precision(cfg.train.precision, self.device)
         if self.precision != "fp32" and self.device.type == "cpu" and cfg.train.precision != "auto":
@@ -153,6 +154,10 @@ class Trainer:
 
             state = ckpt_lib.load_checkpoint(cfg.student.pretrained)
             load_into(backbone, backbone_state_dict(state), "timm", cfg.student.pretrained)
+        if self.distill and cfg.ladder.last_tap == "raw" and not self.udon:
+            # UNIC: the ladder reads the raw last block, so the final norm takes no part in training and
+            # keeps its initial (identity, or pretrained) affine; DDP needs it out of the trainable set
+            backbone.norm.requires_grad_(False)
         self.patch_size = backbone.patch_embed.patch_size[0]
         if cfg.student.img_size % self.patch_size:
             raise ConfigError(f"student.img_size {cfg.student.img_size} is not a multiple of the patch size {self.patch_size}")
@@ -189,7 +194,7 @@ class Trainer:
                 self.label_maps.append(table.to(self.device))
         if self.teachers is not None:
             self.teachers.to(self.device)
-        self.model = UnicModel(backbone, ladder, universal).to(self.device)
+        self.model = UnicModel(backbone, ladder, universal, cfg.ladder.last_tap).to(self.device)
         if cfg.train.compile:
             self.model.compile()  # compiles UnicModel.__call__ in place: state dict keys unchanged
         # a different RNG stream per rank from here on (stochastic depth), identical weights above
@@ -202,7 +207,6 @@ class Trainer:
         if self.distill:
             self.standardizer = TeacherStandardizer({n: t.embed_dim for n, t in self.teachers.items()}).to(self.device)
 
-        self.global_batch = cfg.data.batch_size_per_gpu * self.world
         pin = self.device.type == "cuda"
         self.steps_per_epoch = len(self.train_set) // self.global_batch
         if self.steps_per_epoch == 0:
@@ -213,7 +217,8 @@ class Trainer:
                 size = sum(1 for _, _, dom in self.train_set.samples if dom == d)
                 if size < self.global_batch:
                     raise ConfigError(f"domain '{name}' has {size} training images, fewer than one global batch "
-                                      f"({self.global_batch}); lower data.batch_size_per_gpu or drop the domain")
+                                      f"({self.global_batch}); lower data.global_batch / data.batch_size_per_gpu "
+                                      "or drop the domain")
             self.domain_sampler = DomainSampler(
                 [sum(1 for _, _, d in self.train_set.samples if d == i) for i in range(len(self.domains))],
                 cfg.udon.sampling, cfg.udon.update_every, cfg.train.seed, self.device,
@@ -278,23 +283,27 @@ class Trainer:
         self.metrics = MetricsWriter(self.output_dir)
         self._log_setup()
 
+    def _log_setup(self) -> None:
+        """The preflight plan (what ``main_unic.py --plan`` prints), logged and written as ``plan.json``."""
+        from unic.train.plan import build_plan, format_plan, write_plan
+
+        plan = build_plan(self.cfg, self.world, len(self.train_set), self.device)
+        if self.rank == 0:
+            for line in format_plan(plan).splitlines():
+                logger.info("plan: %s", line)
+            write_plan(plan, os.path.join(self.output_dir, "plan.json"))
+        self._log_state()
+
     def _on_sigterm(self, signum, frame) -> None:  # noqa: ARG002
         logger.warning("SIGTERM received: saving a checkpoint at the end of this step, then stopping")
         self.stop_requested = True
 
-    def _log_setup(self) -> None:
-        cfg = self.cfg
-        count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
-        parts = [f"student {cfg.student.arch} ({count(self.model.backbone):.2f}M params)"]
-        if self.distill:
-            parts.append(f"ladder ({count(self.model.ladder):.2f}M), teachers {', '.join(self.teachers)}")
+    def _log_state(self) -> None:
+        """What the plan cannot know before the data is read: the UDON heads' sizes."""
         if self.udon:
             memory = self.domain_heads.memory_report()
-            parts.append("UDON heads (%s; MB per domain with AdamW state: %s), sampling %s" % (
-                cfg.heads.name, ", ".join(f"{d} {mb:.1f}" for d, mb in memory.items()), cfg.udon.sampling))
-        logger.info("%s; %d images, global batch %d, %d steps (%d per epoch), %s on %s x%d", "; ".join(parts),
-                    len(self.train_set), self.global_batch, self.total_steps, self.steps_per_epoch, self.precision,
-                    self.device.type, self.world)
+            logger.info("UDON heads (%s), MB per domain with AdamW state: %s; sampling %s", self.cfg.heads.name,
+                        ", ".join(f"{d} {mb:.1f}" for d, mb in memory.items()), self.cfg.udon.sampling)
 
     # ------------------------------------------------------------------ state
     def model_state(self) -> dict:
@@ -477,10 +486,7 @@ class Trainer:
                 p.grad = None
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if cfg.optim.clip_grad > 0:
-            out["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)
-        else:
-            out["grad_norm"] = torch.nn.utils.get_total_norm([p.grad for p in params])
+        out["grad_norm"] = clip_gradients(params, cfg.optim.clip_grad, cfg.optim.clip_mode)
         bad = ~torch.isfinite(out["loss"].detach())
         if not self.scaler.is_enabled():  # with fp16 the scaler itself skips steps with inf gradients
             bad |= ~torch.isfinite(out["grad_norm"])
@@ -627,7 +633,7 @@ class Trainer:
             if module is not None:
                 module.eval()
         dtype = AUTOCAST[self.precision]
-        bs, workers = self.cfg.data.batch_size_per_gpu, self.cfg.data.num_workers
+        bs, workers = self.batch_per_gpu, self.cfg.data.num_workers
         loss_sum = torch.zeros(2, device=self.device)
 
         def encode(images: torch.Tensor) -> torch.Tensor:

@@ -43,3 +43,24 @@ def apply_schedules(optimizer: torch.optim.Optimizer, values: dict[str, tuple[fl
         group["lr"] = lr
         if group["apply_wd"]:
             group["weight_decay"] = weight_decay
+
+
+def clip_gradients(params: list[torch.Tensor], max_norm: float, mode: str = "global") -> torch.Tensor:
+    """Clip the gradients of ``params`` in place and return their total norm before clipping (no host sync).
+
+    ``global``: one norm over all gradients, scaled together (``clip_grad_norm_``). ``per_param``: each
+    parameter's gradient scaled to at most ``max_norm`` on its own, by ``max_norm / (norm + 1e-6)`` as UNIC's
+    ``utils.clip_gradients``. ``max_norm <= 0`` only measures.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if max_norm <= 0 or mode == "global":
+        if max_norm <= 0:
+            return torch.nn.utils.get_total_norm(grads)
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if mode != "per_param":
+        raise ValueError(f"clip mode must be 'global' or 'per_param', got {mode!r}")
+    norms = torch._foreach_norm(grads)
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    scales = [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms]
+    torch._foreach_mul_(grads, scales)
+    return total

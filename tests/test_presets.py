@@ -1,0 +1,143 @@
+"""Every preset builds the paper's model, batch and schedule (meta device: nothing is allocated), and the
+preflight plan reports it; the configuration semantics that guarantee it (dict/list values replace)."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from main_unic import main as train_main
+from unic.config import ConfigError, load_config, resolve_batch
+from unic.models.student import build_student
+from unic.train.plan import build_plan, format_plan
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "unic", "configs")
+
+
+def preset(name: str, *overrides: str):
+    return load_config(os.path.join(CONFIGS, name), ["data.root=/nonexistent", *overrides])
+
+
+@pytest.fixture(scope="module")
+def plans():
+    """The plan of each paper preset on 4 processes (UNIC's and UDON's GPU counts divide the global batch)."""
+    return {name: build_plan(preset(name), world_size=4)
+            for name in ("unic_vitb16_in1k.yaml", "unic_l_vitl14.yaml", "udon_uned_vitb16.yaml")}
+
+
+def test_unic_vitb16_preset_builds_the_paper_model(plans):
+    plan = plans["unic_vitb16_in1k.yaml"]
+    s = plan["student"]
+    assert (s["width"], s["depth"], s["heads"], s["patch"], s["img_size"]) == (768, 12, 12, 16, 224)
+    assert round(s["params"] / 1e6, 1) == 85.8 and not s["layerscale"] and s["registers"] == 0
+    assert s["trainable_params"] == s["params"] - 2 * 768  # raw last tap: the final norm is not trained
+    lad = plan["ladder"]
+    assert lad["projectors"] == 4 * 2 * 12 and round(lad["params"] / 1e6, 1) == 141.7
+    assert lad["params"] == 141_723_648 and lad["last_tap"] == "raw" and lad["blocks"] == list(range(12))
+    assert set(plan["teachers"]) == {"dino_vitb16", "deit3_vitb16", "ibot_vitb16", "dbotft_vitb16"}
+    for t in plan["teachers"].values():
+        assert (t["dim"], t["patch"], t["resolution"]) == (768, 16, 224) and t["weights"] == "file"
+    assert plan["teachers"]["ibot_vitb16"]["url"].rstrip("/").endswith("vitb_16_rand_mask/checkpoint_teacher.pth")
+    sch = plan["schedule"]
+    assert (sch["global_batch"], sch["batch_per_gpu"]) == (512, 128)
+    assert sch["lr"] == pytest.approx(6e-4) and sch["clip_mode"] == "per_param" and sch["clip_grad"] == 0
+    # ImageNet-1k's 1,281,167 images when the root is not there to count
+    assert (sch["steps_per_epoch"], sch["total_steps"], sch["warmup_steps"]) == (2502, 500_400, 25_020)
+    assert sch["precision"] == "bf16"
+    # golden FLOPs per image: ViT-B/16 forward 35.1 GFLOP, x3 with backward; 4 teachers forward
+    flops = plan["flops_per_image"]
+    assert round(flops["student_fwd_bwd"] / 1e9, 1) == 105.1
+    assert round(flops["ladder_fwd_bwd"] / 1e9, 1) == 83.7
+    assert all(round(flops[f"teacher/{t}"] / 1e9, 1) == 35.1 for t in plan["teachers"])
+    assert round(flops["total"] / 1e9, 1) == 329.3
+    mem = plan["memory_per_gpu"]
+    assert mem["weights_grads_adamw_gb"] == pytest.approx((s["trainable_params"] + lad["params"]) * 16 / 2**30)
+    assert 10 < mem["total_gb"] < 80  # fits an 80 GB GPU at 128 per GPU
+
+
+def test_unic_l_preset_builds_uniCs_vitl14_without_layerscale(plans):
+    plan = plans["unic_l_vitl14.yaml"]
+    s = plan["student"]
+    assert (s["width"], s["depth"], s["heads"], s["patch"]) == (1024, 24, 16, 14)
+    assert round(s["params"] / 1e6, 1) == 303.2 and not s["layerscale"]
+    t = plan["teachers"]
+    assert (t["dinov2_vitg14"]["dim"], t["dinov2_vitg14"]["patch"]) == (1536, 14)
+    assert (t["metaclip_vith14"]["dim"], t["metaclip_vith14"]["patch"]) == (1280, 14)
+    assert round(t["dinov2_vitg14"]["params"] / 1e6) == 1135
+    assert plan["ladder"]["last_tap"] == "raw" and plan["schedule"]["clip_mode"] == "per_param"
+    assert plan["schedule"]["global_batch"] == 512
+
+
+def test_udon_preset_builds_a_clip_vitb16_at_global_batch_128(plans):
+    plan = plans["udon_uned_vitb16.yaml"]
+    s = plan["student"]
+    assert (s["width"], s["depth"], s["patch"]) == (768, 12, 16) and round(s["params"] / 1e6, 1) == 85.8
+    assert "ladder" not in plan and plan["teachers"] == {} and plan["udon"]["head"] == "normface"
+    assert (plan["schedule"]["global_batch"], plan["schedule"]["batch_per_gpu"]) == (128, 32)
+    with torch.device("meta"):
+        model = build_student("vit_base_patch16_clip_224", 224, 0.0, {})
+    assert model.norm_pre.__class__.__name__ == "LayerNorm"  # CLIP's ln_pre: the CLIP architecture
+
+
+def test_plan_text_names_every_figure(plans):
+    text = format_plan(plans["unic_vitb16_in1k.yaml"])
+    for needle in ("85.8M params", "141.7M params", "last tap raw", "global 512 = 4 x 128", "lr 0.0006",
+                   "2502 steps/epoch", "25020 warm-up", "329.3 G", "MISSING"):
+        assert needle in text, needle
+
+
+@pytest.mark.parametrize("world, per_gpu", [(1, 512), (2, 256), (4, 128), (8, 64)])
+def test_global_batch_is_independent_of_the_gpu_count(world, per_gpu):
+    assert resolve_batch(preset("unic_vitb16_in1k.yaml"), world) == (512, per_gpu)
+
+
+def test_global_batch_that_the_world_does_not_divide_is_a_clear_error():
+    with pytest.raises(ConfigError, match="not divisible by the 3 processes"):
+        resolve_batch(preset("unic_vitb16_in1k.yaml"), 3)
+    with pytest.raises(ConfigError, match="data.global_batch"):
+        load_config(None, ["data.global_batch=0"])
+    cfg = load_config(None, ["data.batch_size_per_gpu=8"])
+    assert resolve_batch(cfg, 3) == (24, 8)  # without global_batch: per-GPU times processes
+
+
+def test_dict_settings_replace_the_default_and_dotted_keys_set_one_entry(tmp_path):
+    default = load_config().student.kwargs
+    assert default  # the schema's demo-sized student
+    assert load_config(os.path.join(CONFIGS, "unic_vitb16_in1k.yaml")).student.kwargs == {}
+    assert load_config(None, ["student.kwargs={}"]).student.kwargs == {}
+    assert load_config(None, ["student.kwargs={depth: 2}"]).student.kwargs == {"depth": 2}
+    assert load_config(None, ["student.kwargs.depth=2"]).student.kwargs == {**default, "depth": 2}
+    assert load_config(None, ["student.kwargs={}", "student.kwargs.depth=3"]).student.kwargs == {"depth": 3}
+    file = tmp_path / "p.yaml"
+    file.write_text("student:\n  kwargs: {embed_dim: 48}\nteachers:\n  weights: {toy_vit_p16_d96: /a.pth}\n")
+    cfg = load_config(str(file), ["teachers.weights.toy_vit_p14_d48=/b.pth"])
+    assert cfg.student.kwargs == {"embed_dim": 48}
+    assert cfg.teachers.weights == {"toy_vit_p16_d96": "/a.pth", "toy_vit_p14_d48": "/b.pth"}
+    cfg = load_config(str(file), ["teachers.weights={toy_vit_p14_d48: /b.pth}"])
+    assert cfg.teachers.weights == {"toy_vit_p14_d48": "/b.pth"}
+
+
+def test_list_settings_replace_the_default():
+    cfg = load_config(os.path.join(CONFIGS, "unic_vitb16_in1k.yaml"),
+                      ["teachers.names=[dino_vitb16]", "ladder.blocks=[5,11]", "optim.betas=[0.8,0.9]",
+                       "student.mean=[0.5,0.5,0.5]"])
+    assert list(cfg.teachers.names) == ["dino_vitb16"] and list(cfg.ladder.blocks) == [5, 11]
+    assert list(cfg.optim.betas) == [0.8, 0.9] and list(cfg.student.mean) == [0.5, 0.5, 0.5]
+    demo = load_config(os.path.join(CONFIGS, "demo.yaml"), ["data.domains=[digits]"])
+    assert list(demo.data.domains) == ["digits"]
+
+
+def test_plan_entry_point_prints_and_writes_without_training(tmp_path, capsys):
+    out = tmp_path / "plan_run"
+    code = train_main(["--config", os.path.join(CONFIGS, "unic_vitb16_in1k.yaml"), "data.root=/nonexistent",
+                       f"train.output_dir={out}", "--plan", "--world_size", "4"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "141.7M params" in text and "global 512 = 4 x 128" in text
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["ladder"]["params"] == 141_723_648 and plan["world_size"] == 4
+    assert sorted(os.listdir(out)) == ["plan.json"]  # nothing trained, no checkpoint or config
+    assert train_main(["--config", os.path.join(CONFIGS, "unic_vitb16_in1k.yaml"), "--plan", "--world_size", "3",
+                       f"train.output_dir={tmp_path / 'x'}"]) == 2
+    assert "not divisible" in capsys.readouterr().err

@@ -1,0 +1,259 @@
+"""The preflight plan: what a configuration will build and run, computed without data, weights or a GPU.
+
+``python main_unic.py --config F [key=value ...] --plan`` prints it and writes ``plan.json``; every training run
+logs the same plan at start-up and writes it next to its config. The models are built on the meta device
+(no memory is allocated, so a ViT-g teacher costs nothing), which also gives the FLOPs per image
+(``torch.utils.flop_counter``) and the activations saved for backward that the GPU memory estimate uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from unic.config import resolve_batch
+
+logger = logging.getLogger(__name__)
+
+# images in the train split of data sets whose root may not be on the planning machine
+KNOWN_TRAIN_SIZES = {"imagenet": 1_281_167}
+ADAMW_BYTES_PER_PARAM = 16  # fp32 weight, gradient and the two AdamW moments
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _count(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+@contextlib.contextmanager
+def _quiet(name: str):
+    """Silence a logger (the random-teacher warning of meta builds) for the duration."""
+    log = logging.getLogger(name)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def weights_status(name: str, cfg: DictConfig) -> dict:
+    """Where a teacher's weights come from and whether that file exists (never raises)."""
+    from teachers.build import TeacherWeightsError, resolve_weights
+    from teachers.registry import get_spec
+    from unic.models.teacher import teacher_key
+
+    spec = get_spec(name)
+    given = cfg.teachers.weights.get(name, cfg.teachers.weights.get(teacher_key(name)))
+    try:
+        kind, where = resolve_weights(spec, given, cfg.teachers.weights_dir)
+        return {"weights": kind, "file": where if kind == "file" else None,
+                "exists": kind != "file" or os.path.isfile(where), "hub": where if kind == "hub" else None, "url": spec.url}
+    except TeacherWeightsError:
+        explicit = given not in (None, "hub", "random")
+        path = os.path.expanduser(given) if explicit else (
+            os.path.join(os.path.expanduser(cfg.teachers.weights_dir), spec.filename) if spec.filename else None)
+        return {"weights": "file", "file": path, "exists": False, "hub": None, "url": spec.url}
+
+
+def _flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _saved_bytes(fn, exclude: list[torch.Tensor]) -> int:
+    """Bytes of the tensors autograd saves for backward while ``fn`` runs (parameters excluded)."""
+    skip = {t.untyped_storage()._cdata for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = t.untyped_storage()._cdata
+        if key not in skip:
+            seen[key] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def build_plan(cfg: DictConfig, world_size: int = 1, num_train_images: int | None = None,
+               device: torch.device | None = None) -> dict:
+    """The plan of ``cfg`` on ``world_size`` processes; ``num_train_images`` when the train split is known,
+    ``device`` the one the run uses (default: CUDA unless ``train.device=cpu``, the target of a real run)."""
+    from unic.train.loop import resolve_precision
+
+    from unic.models.ladder import Ladder, UnicModel
+    from unic.models.student import build_student
+    from unic.models.teacher import FrozenTeacher
+
+    distill = cfg.loss.w_distill > 0
+    udon = cfg.udon.enabled and cfg.loss.w_udon > 0
+    device = device or torch.device("cpu" if cfg.train.device == "cpu" else "cuda")
+    precision = resolve_precision(cfg.train.precision, device)
+    global_batch, per_gpu = resolve_batch(cfg, world_size)
+    plan: dict = {"world_size": world_size, "device": device.type}
+
+    with torch.device("meta"):
+        backbone = build_student(cfg.student.arch, cfg.student.img_size, cfg.student.drop_path, dict(cfg.student.kwargs))
+        teachers = {}
+        if distill:
+            with _quiet("teachers.build"):
+                for name in sorted(cfg.teachers.names):
+                    teachers[name] = FrozenTeacher(name, "random", cfg.teachers.weights_dir)
+            blocks = list(cfg.ladder.blocks) if cfg.ladder.blocks is not None else None
+            ladder = Ladder(backbone.embed_dim, len(backbone.blocks), {n: t.embed_dim for n, t in teachers.items()},
+                            blocks, cfg.ladder.hidden_dim, cfg.ladder.last_hidden_dim)
+        else:
+            ladder = None
+    if distill and cfg.ladder.last_tap == "raw" and not udon:
+        backbone.norm.requires_grad_(False)  # as the trainer: the final norm is not trained
+
+    patch = backbone.patch_embed.patch_size[0]
+    plan["student"] = {
+        "arch": cfg.student.arch, "kwargs": dict(cfg.student.kwargs), "img_size": cfg.student.img_size,
+        "width": backbone.embed_dim, "depth": len(backbone.blocks), "heads": backbone.blocks[0].attn.num_heads,
+        "patch": patch, "tokens": backbone.patch_embed.num_patches + backbone.num_prefix_tokens,
+        "registers": backbone.num_reg_tokens, "layerscale": not isinstance(backbone.blocks[0].ls1, nn.Identity),
+        "params": _count(backbone), "trainable_params": _count(backbone, trainable_only=True),
+        "drop_path": cfg.student.drop_path, "pretrained": cfg.student.pretrained,
+    }
+    if ladder is not None:
+        plan["ladder"] = {
+            "projectors": sum(len(m) for per_type in ladder.projectors.values() for m in per_type.values()),
+            "params": _count(ladder), "blocks": ladder.blocks, "last_tap": cfg.ladder.last_tap,
+            "hidden_dim": cfg.ladder.hidden_dim, "last_hidden_dim": cfg.ladder.last_hidden_dim,
+        }
+    plan["teachers"] = {
+        name: {"arch": t.spec.arch, "source": t.spec.source, "resolution": t.spec.resolution,
+               "patch": t.tokens.patch_size, "dim": t.embed_dim, "params": _count(t), **weights_status(name, cfg)}
+        for name, t in teachers.items()
+    }
+    if udon:
+        plan["udon"] = {"head": cfg.heads.name, "teacher_dim": cfg.udon.teacher_dim,
+                        "universal_dim": cfg.udon.universal_dim, "sampling": cfg.udon.sampling}
+
+    # schedule
+    known = num_train_images is not None
+    if not known:
+        num_train_images = KNOWN_TRAIN_SIZES.get(cfg.data.dataset)
+    steps_per_epoch = num_train_images // global_batch if num_train_images else None
+    lr = cfg.optim.lr * (global_batch / 256 if cfg.optim.scale_lr else 1.0)
+    schedule = {
+        "global_batch": global_batch, "batch_per_gpu": per_gpu, "lr": lr, "lr_base": cfg.optim.lr,
+        "lr_scaled_with_batch": bool(cfg.optim.scale_lr), "min_lr": cfg.optim.min_lr,
+        "weight_decay": [cfg.optim.weight_decay, cfg.optim.weight_decay_end], "epochs": cfg.optim.epochs,
+        "train_images": num_train_images,
+        "train_images_source": "data" if known else ("assumed (data.root not read)" if num_train_images else "unknown"),
+        "steps_per_epoch": steps_per_epoch, "total_steps": None, "warmup_steps": None,
+        "clip_grad": cfg.optim.clip_grad, "clip_mode": cfg.optim.clip_mode, "precision": precision,
+    }
+    if steps_per_epoch:
+        total = cfg.optim.epochs * steps_per_epoch
+        schedule["total_steps"] = total
+        schedule["run_steps"] = min(cfg.train.max_steps or total, total)
+        schedule["warmup_steps"] = round(cfg.optim.warmup_epochs * steps_per_epoch)
+    plan["schedule"] = schedule
+
+    # FLOPs per image (batch of 2 on the meta device, halved)
+    batch = 2
+    model = UnicModel(backbone, ladder, None, cfg.ladder.last_tap).train()
+    images = torch.empty(batch, 3, cfg.student.img_size, cfg.student.img_size, device="meta")
+
+    def student_step() -> None:
+        backbone(images).float().sum().backward()
+
+    def student_ladder_step() -> None:
+        out = model(images)
+        loss = out["cls"].float().sum()
+        for per_type in out.get("preds", {}).values():
+            loss = loss + sum(v.float().sum() for v in per_type.values())
+        loss.backward()
+
+    flops = {"student_fwd_bwd": _flops(student_step) // batch}
+    if ladder is not None:
+        flops["ladder_fwd_bwd"] = _flops(student_ladder_step) // batch - flops["student_fwd_bwd"]
+    for name, t in teachers.items():
+        x = torch.empty(batch, 3, t.spec.resolution, t.spec.resolution, device="meta")
+        with torch.inference_mode():
+            flops[f"teacher/{name}"] = _flops(lambda: t.tokens(x)) // batch
+    flops["total"] = sum(flops.values())
+    plan["flops_per_image"] = flops
+    plan["tflops_per_step_per_gpu"] = flops["total"] * per_gpu / 1e12
+
+    # GPU memory per process: trainable state, frozen teachers, activations saved for backward
+    dtype = DTYPES[precision]
+    act_model = UnicModel(backbone, ladder, None, cfg.ladder.last_tap).to(dtype).train()
+    act_images = images.to(dtype)
+    act = _saved_bytes(lambda: act_model(act_images), list(act_model.parameters())) // batch
+    trainable = _count(model, trainable_only=True)
+    memory = {
+        "trainable_params": trainable,
+        "weights_grads_adamw_gb": trainable * ADAMW_BYTES_PER_PARAM / 2**30,
+        "teachers_gb": sum(_count(t) for t in teachers.values()) * 4 / 2**30,
+        "activations_per_image_mb": act / 2**20,
+        "activations_gb": act * per_gpu / 2**30,
+    }
+    memory["total_gb"] = memory["weights_grads_adamw_gb"] + memory["teachers_gb"] + memory["activations_gb"]
+    memory["note"] = ("estimate: fp32 trainable state with AdamW, fp32 teacher weights, tensors saved for backward "
+                      f"in {precision} with attention unfused (an upper bound under flash attention); excludes the "
+                      "CUDA context, teacher activations (transient, inference mode) and allocator slack")
+    plan["memory_per_gpu"] = memory
+    return plan
+
+
+def format_plan(plan: dict) -> str:
+    """The plan as the lines a researcher reads before a long run."""
+    s, sch, mem, fl = plan["student"], plan["schedule"], plan["memory_per_gpu"], plan["flops_per_image"]
+    kwargs = f" {s['kwargs']}" if s["kwargs"] else ""
+    lines = [
+        f"student  {s['arch']}{kwargs}: width {s['width']}, depth {s['depth']}, heads {s['heads']}, patch {s['patch']}, "
+        f"{s['img_size']} px ({s['tokens']} tokens), {s['params'] / 1e6:.1f}M params "
+        f"({s['trainable_params'] / 1e6:.1f}M trained), LayerScale {'yes' if s['layerscale'] else 'no'}, "
+        f"registers {s['registers']}, drop path {s['drop_path']}",
+    ]
+    if "ladder" in plan:
+        lad = plan["ladder"]
+        lines.append(f"ladder   {lad['projectors']} projectors, {lad['params'] / 1e6:.1f}M params, blocks {lad['blocks']}, "
+                     f"hidden {lad['hidden_dim']} / {lad['last_hidden_dim']} (last), last tap {lad['last_tap']}")
+    for name, t in plan["teachers"].items():
+        where = t["file"] or t["hub"] or t["weights"]
+        state = "" if t["weights"] != "file" else (" (found)" if t["exists"] else " (MISSING)")
+        lines.append(f"teacher  {name}: {t['arch']} ({t['source']}), {t['resolution']} px, patch {t['patch']}, "
+                     f"dim {t['dim']}, {t['params'] / 1e6:.1f}M params, weights {where}{state}")
+    if "udon" in plan:
+        u = plan["udon"]
+        lines.append(f"udon     {u['head']} heads, teacher dim {u['teacher_dim']}, universal dim {u['universal_dim']}, "
+                     f"sampling {u['sampling']}")
+    steps = (f"{sch['steps_per_epoch']} steps/epoch x {sch['epochs']} epochs = {sch['total_steps']} steps, "
+             f"{sch['warmup_steps']} warm-up" if sch["steps_per_epoch"] else "steps unknown (train split not read)")
+    images = f"{sch['train_images']} train images ({sch['train_images_source']})" if sch["train_images"] else ""
+    lines += [
+        f"batch    global {sch['global_batch']} = {plan['world_size']} x {sch['batch_per_gpu']} per GPU; "
+        f"lr {sch['lr']:.3g}" + (f" (= {sch['lr_base']:.3g} x {sch['global_batch']} / 256)" if sch["lr_scaled_with_batch"] else "")
+        + f", min {sch['min_lr']:.3g}; {sch['precision']} on {plan['device']}; clip {sch['clip_grad']} ({sch['clip_mode']})",
+        f"schedule {steps}" + (f"; {images}" if images else ""),
+        "flops    per image: " + ", ".join(f"{k} {v / 1e9:.1f} G" for k, v in fl.items())
+        + f"; {plan['tflops_per_step_per_gpu']:.1f} TFLOP per step per GPU",
+        f"memory   ~{mem['total_gb']:.1f} GB per GPU: trainable state {mem['weights_grads_adamw_gb']:.1f}, "
+        f"teachers {mem['teachers_gb']:.1f}, activations {mem['activations_gb']:.1f} "
+        f"({mem['activations_per_image_mb']:.0f} MB per image)",
+    ]
+    return "\n".join(lines)
+
+
+def write_plan(plan: dict, path: str) -> None:
+    """``plan.json``, written atomically."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(plan, f, indent=1)
+    os.replace(path + ".tmp", path)
