@@ -62,8 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=128, help="images per process and step")
     parser.add_argument("--num_workers", type=int, default=8, help="data-loading workers per process")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
-                        help="autocast dtype of the encoder (auto: bf16 on CUDA, fp32 on CPU); features are float32")
+    parser.add_argument("--precision", default="fp32", choices=("auto", "bf16", "fp16", "fp32"),
+                        help="autocast dtype of the encoder (default fp32, as UNIC's extraction; auto: bf16 on "
+                             "CUDA, fp32 on CPU); features are float32")
     parser.add_argument("--split_no", type=int, default=1, help="DTD / SUN397 partition (1-10)")
     parser.add_argument("--cog_levels_mapping_file", default=None,
                         help="ImageNet-CoG cog_levels_mapping_file.pkl (default: in --data_dir)")
@@ -142,7 +143,8 @@ def run(args, splits, encoder, encode, image_size: int, output_dir: str, device:
     info = {
         "dataset": args.dataset, "data_dir": os.path.abspath(args.data_dir), "pretrained": args.pretrained,
         "embedding": args.embedding, "token_type": args.token_type, "image_size": image_size,
-        "crop_ratio": args.crop_ratio, "mean": list(encoder.mean), "std": list(encoder.std),
+        "crop_ratio": args.crop_ratio, "precision": args.precision, "mean": list(encoder.mean),
+        "std": list(encoder.std),
         "num_classes": splits["trainval"].num_classes, "classes": splits["trainval"].classes,
         "world_size": distributed.get_world_size(), "splits": {},
     }

@@ -5,6 +5,9 @@
 # Data set <name> is read from ${DATA_ROOT}/<name>, or from <NAME>_DIR (e.g. IN1K_DIR=/imagenet). in1k, inat*
 # and cog_* use the SGD classifier on l2-normalised features, the others L-BFGS on raw features (t-ReX).
 # Features already extracted are reused. Extra arguments go to main_ft_extract.py (e.g. --token_type both).
+# The classifier settings are UNIC's (eval_transfer/ in naver/unic): seed 22, 40 Optuna trials; like there, the
+# L-BFGS classifier runs under Intel's scikit-learn patch (python -m sklearnex) when scikit-learn-intelex is
+# installed (SKLEARNEX=0: plain scikit-learn, SKLEARNEX=1: require it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${PRETRAINED:?set PRETRAINED to a UNIC checkpoint or timm:<model> / open_clip:<model>:<tag>}"
@@ -16,7 +19,12 @@ if [[ -f "${PRETRAINED}" ]]; then
 else
     OUTPUT_ROOT=${OUTPUT_ROOT:-output/transfer/${PRETRAINED//[:\/]/_}}
 fi
-SEED=${SEED:-0}
+SEED=${SEED:-22}
+SKLEARNEX=${SKLEARNEX:-auto}
+sklearn_python=(python)
+if [[ "${SKLEARNEX}" == 1 ]] || { [[ "${SKLEARNEX}" == auto ]] && python -c "import sklearnex" 2>/dev/null; }; then
+    sklearn_python=(python -m sklearnex)
+fi
 
 feature_dirs=()
 for dataset in ${DATASETS}; do
@@ -29,11 +37,13 @@ for dataset in ${DATASETS}; do
             --output_dir "${features_dir}" "$@"
     fi
     if [[ "${dataset}" == in1k || "${dataset}" == inat* || "${dataset}" == cog_* ]]; then
+        runner=(python)
         clf=(--clf_type logreg_torch --features_norm l2)
     else
+        runner=("${sklearn_python[@]}")
         clf=(--clf_type logreg_sklearn --features_norm none)
     fi
-    python eval_transfer/main_clf.py --features_dir "${features_dir}" "${clf[@]}" --seed "${SEED}"
+    "${runner[@]}" eval_transfer/main_clf.py --features_dir "${features_dir}" "${clf[@]}" --seed "${SEED}"
     feature_dirs+=("${features_dir}")
 done
 python eval_transfer/print_results.py "${feature_dirs[@]}"

@@ -86,7 +86,7 @@ def test_extract_then_classify_end_to_end(student, folder, tmp_path, capsys):
     assert test["Y"].tolist() == [0] * 5 + [1] * 5 + [2] * 5
     info = json.loads((features_dir / "extract_info.json").read_text())
     assert info["classes"] == ["blue", "green", "red"] and info["token_type"] == "cls"
-    assert info["crop_ratio"] == 1.0 and info["image_size"] == 32
+    assert info["crop_ratio"] == 1.0 and info["image_size"] == 32 and info["precision"] == "fp32"
     assert info["splits"]["test"] == {"num_images": 15, "dim": 32, "skipped_images": 0,
                                       "seconds": info["splits"]["test"]["seconds"]}
 
@@ -106,6 +106,9 @@ def test_extract_then_classify_end_to_end(student, folder, tmp_path, capsys):
     assert results["dataset"] == "imagefolder" and results["num_train"] == 30 and results["num_test"] == 15
     assert results["top1"] >= 0.9  # colours separate the classes even for a random ViT
     assert 0.0 <= results["mean_per_class_acc"] <= 1.0
+    assert results["seed"] == 22 and results["n_trials"] == 3 and len(results["trials"]) == 3
+    assert results["holdout_rule"] == "t-ReX" and results["num_holdout"] == 6  # int(0.2 * 10) per class
+    assert results["sklearn_backend"].startswith(("sklearn", "daal4py"))
 
     # Same seed, same numbers; the torch classifier writes where it is told.
     assert main_clf.main(clf_argv) == 0
@@ -120,6 +123,17 @@ def test_extract_then_classify_end_to_end(student, folder, tmp_path, capsys):
     assert print_results.main([str(features_dir), str(torch_out)]) == 0
     table = capsys.readouterr().out
     assert "| imagefolder | logreg_sklearn | none |" in table and "**mean (2)**" in table
+
+
+def test_command_line_defaults_are_unics():
+    """naver/unic eval_transfer/main_clf.py and main_ft_extract.py defaults (the classifier's own are tested in
+    test_transfer_clf.py)."""
+    args = main_clf.parse_args(["--features_dir", "F"])
+    assert (args.seed, args.n_trials, args.holdout_fraction, args.holdout_fixed_fraction) == (22, None, 0.2, False)
+    assert (args.sklearn_max_iter, args.torch_epochs, args.torch_batch_size) == (2000, 100, 1024)
+    assert args.clf_type == "logreg_sklearn" and args.features_norm is None  # none / l2 by classifier
+    ext = main_ft_extract.parse_args(["--pretrained", "p", "--dataset", "imagefolder", "--data_dir", "D"])
+    assert (ext.precision, ext.token_type, ext.batch_size, ext.crop_ratio) == ("fp32", "cls", 128, 1.0)
 
 
 @pytest.mark.parametrize("token_type, dim_factor", [("cls", 1), ("patch", 1), ("both", 2)])

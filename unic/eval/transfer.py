@@ -1,18 +1,23 @@
-"""Logistic-regression transfer evaluation (t-ReX protocol).
+"""Logistic-regression transfer evaluation (t-ReX protocol, as in UNIC's ``eval_transfer/``).
 
 Features are extracted by ``eval_transfer/main_ft_extract.py`` with :func:`token_encoder` (cls token, mean patch
 token or both) and stored per split by :func:`save_features` as ``{"X": float32 (N, D), "Y": int64 (N,)}``.
 The protocol:
 
-1. split trainval into a stratified 20 % per-class hold-out (:func:`stratified_holdout`);
-2. search the classifier's hyper-parameters with Optuna TPE, maximising hold-out top-1;
+1. split trainval into a per-class hold-out (:func:`stratified_holdout`: ``int(0.2 n)`` samples of each class,
+   at least 1, drawn by Python's ``random`` seeded with 22);
+2. search the classifier's hyper-parameters with Optuna TPE (40 trials, seed 22), maximising hold-out top-1;
 3. refit on the whole trainval with the best hyper-parameters and report test top-1 and mean per-class
    accuracy (both as fractions).
 
-Two classifiers: scikit-learn's L-BFGS logistic regression (small data sets, C searched log-uniform in
-[1e-5, 1e6]) and a torch linear layer trained with SGD (large data sets such as ImageNet; lr log-uniform in
-[0.1, 100], weight decay log-uniform in [1e-12, 1e-4], 100 epochs, batch 1024, cosine schedule). Everything is
-seeded: the same inputs and seed give the same numbers.
+Two classifiers: scikit-learn's L-BFGS logistic regression (small data sets; C log-uniform in [1e-5, 1e6],
+``max_iter=2000``) and a torch ``nn.Linear`` trained with SGD (large data sets such as ImageNet; lr log-uniform in
+[0.1, 100], weight decay log-uniform in [1e-12, 1e-4], momentum 0.9, 100 epochs, batch 1024, cosine lr set once
+per epoch). The constants are those of UNIC's copy of t-ReX (``eval_transfer/main_clf.py`` and
+``logreg_trainer.py`` in naver/unic), which produced the published numbers; the random streams are laid out as
+there (one ``random`` stream for the split, one torch stream for the inits and one for the shuffles, continued
+from trial to trial and into the refit), so the same inputs and seed give the same numbers, without touching
+the global RNGs.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import time
 import warnings
 from typing import Any, Callable
@@ -37,18 +43,26 @@ logger = logging.getLogger(__name__)
 
 CLF_TYPES = ("logreg_sklearn", "logreg_torch")
 FEATURES_NORMS = ("none", "l2", "standard")
-# Protocol defaults: sklearn on raw features, the SGD classifier on l2-normalised ones (t-ReX / UNIC scripts).
+# References are to naver/unic, eval_transfer/ (main_clf.py, logreg_trainer.py, data/utils.py) and
+# scripts/eval_transfer.sh. The script pairs sklearn with raw features and the SGD classifier (in1k, inat*, cog_*)
+# with l2-normalised ones; main_clf.py's own default is "none" for both.
 DEFAULT_FEATURES_NORM = {"logreg_sklearn": "none", "logreg_torch": "l2"}
-DEFAULT_NUM_TRIALS = {"logreg_sklearn": 30, "logreg_torch": 20}
+DEFAULT_NUM_TRIALS = {"logreg_sklearn": 40, "logreg_torch": 40}  # --n_optuna_trials 40 (t-ReX itself: 30)
+DEFAULT_SEED = 22  # --seed 22: the hold-out split, the TPE sampler, the torch inits and shuffles
+HOLDOUT_FRACTION = 0.2  # --val_perc 0.2
 
-SKLEARN_C_RANGE = (1e-5, 1e6)
-SKLEARN_MAX_ITER = 1000
-TORCH_LR_RANGE = (0.1, 100.0)
-TORCH_WD_RANGE = (1e-12, 1e-4)
-TORCH_EPOCHS = 100
-TORCH_BATCH_SIZE = 1024
-TORCH_MOMENTUM = 0.9
-EVAL_BATCH_SIZE = 65536
+SKLEARN_C_RANGE = (1e-5, 1e6)  # --clf_C_min / --clf_C_max, log-uniform
+SKLEARN_MAX_ITER = 2000  # --clf_max_iter
+SKLEARN_TOL = 1e-4  # scikit-learn's default, not set there
+TORCH_LR_RANGE = (0.1, 100.0)  # --clf_lr_min / --clf_lr_max, log-uniform
+TORCH_WD_RANGE = (1e-12, 1e-4)  # --clf_wd_min / --clf_wd_max, log-uniform
+TORCH_EPOCHS = 100  # --clf_epochs
+TORCH_BATCH_SIZE = 1024  # --clf_batch_size (also the prediction chunk)
+TORCH_MOMENTUM = 0.9  # --clf_mom
+# TPESampler(multivariate=group=(clf is torch), seed=seed), the rest optuna's defaults of the time (3.x):
+TPE_N_STARTUP_TRIALS = 10
+TPE_CONSTANT_LIAR = False  # optuna 3.x default; 5.x turned it on (no effect with sequential trials)
+STANDARD_STD_MIN = 1e-5  # features_norm="standard" (t-ReX only): (x - mean) / std.clip(1e-5), unbiased std
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -117,50 +131,75 @@ def load_features(path: str) -> dict[str, torch.Tensor]:
 
 
 def stratified_holdout(
-    labels: torch.Tensor | np.ndarray, fraction: float = 0.2, seed: int = 0
+    labels: torch.Tensor | np.ndarray,
+    fraction: float = HOLDOUT_FRACTION,
+    seed: int = DEFAULT_SEED,
+    carry_over: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Split sample indices into (train, hold-out), taking ``fraction`` of every class for the hold-out.
+    """Split sample indices into (train, hold-out) per class, by the rule of t-ReX's ``split_trainval``.
 
-    Per class of ``n`` samples the hold-out gets ``round(fraction * n)`` of them, at least 1 when ``n >= 2`` and
-    never all of them, so every class stays in the training part. Both index arrays are sorted; the split
-    depends only on the labels and the seed.
+    Classes are visited in increasing label order; each class's indices (ascending) are shuffled with one
+    ``random.Random(seed)`` stream (the same draws as ``random.seed(seed)`` then ``random.shuffle`` per class);
+    the last ``int(n * fraction)`` (truncated) go to the hold-out, the others to train. A class where that is 0
+    but ``n >= 2`` holds out 1 sample, and, with ``carry_over`` (the reference), the fraction used for all the
+    classes after it becomes ``1 / n``: e.g. counts (3, 10, 7, 12) at 0.2 hold out (1, 3, 2, 4), not
+    (1, 2, 1, 2). A class of one sample stays in train (the reference stops with an assertion). Indices come
+    back in that order, class by class, not sorted: the SGD classifier's minibatches depend on it.
     """
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"fraction must be in (0, 1), got {fraction}")
     labels_np = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
     labels_np = labels_np.reshape(-1)
-    rng = np.random.RandomState(seed)
-    train_parts, val_parts = [], []
-    # Group the indices by class once (a stable sort keeps each class's indices ascending): O(N log N), not
-    # O(N x classes), which matters for iNaturalist (8142 classes).
+    rng = random.Random(seed)
+    train_parts, val_parts, raised, singletons = [], [], [], 0
+    # Group the indices by class once (a stable sort keeps each class's indices ascending, as np.where does):
+    # O(N log N), not O(N x classes), which matters for iNaturalist (8142 classes).
     order = np.argsort(labels_np, kind="stable")
     _, starts, counts = np.unique(labels_np[order], return_index=True, return_counts=True)
-    for start, num in zip(starts, counts):  # classes in sorted order, so the RNG draws happen in a fixed order
-        cls_idx = order[start : start + num]
-        num_val = int(math.floor(fraction * num + 0.5))  # round half up (Python's round() is banker's)
-        if num >= 2:
-            num_val = min(max(num_val, 1), num - 1)
-        else:
-            num_val = 0
-        perm = cls_idx[rng.permutation(num)]
-        val_parts.append(perm[:num_val])
-        train_parts.append(perm[num_val:])
-    train_idx = np.sort(np.concatenate(train_parts)).astype(np.int64)
-    val_idx = np.sort(np.concatenate(val_parts)).astype(np.int64)
+    for start, num in zip(starts.tolist(), counts.tolist()):
+        # random.shuffle's draws depend only on the length: shuffling a list is the reference's shuffle of the
+        # numpy array, much faster.
+        cls_idx = order[start : start + num].tolist()
+        rng.shuffle(cls_idx)
+        num_val = int(num * fraction)
+        if num_val == 0:
+            if num < 2:
+                singletons += 1
+                train_parts.append(cls_idx)
+                continue
+            num_val = 1
+            if carry_over:
+                fraction = num_val / num
+                raised.append(num)
+        train_parts.append(cls_idx[: num - num_val])
+        val_parts.append(cls_idx[num - num_val :])
+    if raised:
+        logger.warning(
+            "hold-out: %d class(es) with fewer than 1/fraction samples (e.g. %d) hold out 1 sample each, and the "
+            "fraction for the classes after them rises to %.4g (t-ReX's rule; carry_over=False keeps it)",
+            len(raised), raised[0], fraction,
+        )
+    if singletons:
+        logger.warning("hold-out: %d class(es) with a single sample stay in train only", singletons)
+    train_idx = np.fromiter((i for part in train_parts for i in part), dtype=np.int64)
+    val_idx = np.fromiter((i for part in val_parts for i in part), dtype=np.int64)
     return train_idx, val_idx
 
 
 def normalize_features(
-    X_train: torch.Tensor, X_eval: torch.Tensor, features_norm: str, eps: float = 1e-8
+    X_train: torch.Tensor, X_eval: torch.Tensor, features_norm: str, eps: float = STANDARD_STD_MIN
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply ``none``, ``l2`` (per sample) or ``standard`` (per dimension, fitted on ``X_train`` only)."""
+    """Apply ``none``, ``l2`` (per sample) or ``standard`` (per dimension, fitted on ``X_train`` only).
+
+    ``standard`` is t-ReX's: the unbiased standard deviation, clipped at ``eps`` = 1e-5.
+    """
     if features_norm == "none":
         return X_train, X_eval
     if features_norm == "l2":
-        return F.normalize(X_train, dim=1), F.normalize(X_eval, dim=1)
+        return F.normalize(X_train, p=2, dim=1), F.normalize(X_eval, p=2, dim=1)
     if features_norm == "standard":
-        mean = X_train.mean(dim=0, keepdim=True)
-        std = X_train.std(dim=0, keepdim=True, unbiased=False).clamp_min(eps)
+        mean = X_train.mean(dim=0)
+        std = X_train.std(dim=0).clamp_min(eps)
         return (X_train - mean) / std, (X_eval - mean) / std
     raise ValueError(f"unknown features_norm {features_norm!r}, expected one of {FEATURES_NORMS}")
 
@@ -182,23 +221,65 @@ def classification_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str
 # --------------------------------------------------------------------------------------------------------------
 
 
+def make_sklearn_logreg(C: float, max_iter: int = SKLEARN_MAX_ITER, seed: int = DEFAULT_SEED):
+    """The reference's ``LogisticRegression``: l2 penalty (the default), primal L-BFGS, ``tol`` 1e-4, an intercept,
+    ``max_iter`` 2000, ``random_state`` = seed (unused by L-BFGS); multinomial for more than two classes, which is
+    what scikit-learn's ``multi_class="auto"`` picked then and the only choice since 1.8."""
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(
+        C=C, dual=False, tol=SKLEARN_TOL, fit_intercept=True, solver="lbfgs", max_iter=max_iter, random_state=seed
+    )
+
+
 def fit_predict_sklearn(
     X_train: torch.Tensor,
     y_train: torch.Tensor,
     X_eval: torch.Tensor,
     C: float,
     max_iter: int = SKLEARN_MAX_ITER,
+    seed: int = DEFAULT_SEED,
 ) -> torch.Tensor:
-    """scikit-learn L-BFGS multinomial logistic regression with inverse regularisation ``C``."""
+    """Fit :func:`make_sklearn_logreg` on (X_train, y_train) and predict X_eval."""
     from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
 
-    clf = LogisticRegression(C=C, solver="lbfgs", max_iter=max_iter)
+    clf = make_sklearn_logreg(C, max_iter=max_iter, seed=seed)
     with warnings.catch_warnings():
         # Extreme C values hit max_iter; that is part of the search, not something to report per trial.
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf.fit(X_train.cpu().numpy(), y_train.cpu().numpy())
     return torch.from_numpy(clf.predict(X_eval.cpu().numpy()).astype(np.int64))
+
+
+def torch_lr_at_epoch(lr: float, epoch: int, epochs: int = TORCH_EPOCHS) -> float:
+    """Learning rate of epoch ``epoch`` (0-based): the reference sets the cosine value of epoch ``e`` *after*
+    training epoch ``e``, so epochs 0 and 1 both run at ``lr`` and epoch ``e >= 1`` at
+    ``lr * 0.5 * (1 + cos(pi * (e - 1) / epochs))``; the last one is not 0."""
+    if epoch == 0:
+        return lr
+    return lr * (0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / epochs)))
+
+
+def make_torch_generators(seed: int, device: str | torch.device) -> tuple[torch.Generator, torch.Generator]:
+    """(init, shuffle) generators laid out as the reference's global streams after ``torch.manual_seed(seed)``:
+    ``nn.Linear`` is built on the CPU (CPU stream); the shuffles draw on the features' device, so on CPU they
+    share the init's stream and on CUDA they use the CUDA one. Pass the same pair to every fit of one run."""
+    device = torch.device(device)
+    init_gen = torch.Generator().manual_seed(seed)
+    if device.type == "cpu":
+        return init_gen, init_gen
+    return init_gen, torch.Generator(device=device).manual_seed(seed)
+
+
+def init_linear(dim: int, num_classes: int, generator: torch.Generator) -> nn.Linear:
+    """``nn.Linear(dim, num_classes)`` with PyTorch's default init (weights kaiming-uniform with a = sqrt(5), i.e.
+    U(-1/sqrt(dim), 1/sqrt(dim)), bias U(-1/sqrt(dim), 1/sqrt(dim))) drawn from ``generator``, which advances
+    exactly as the global CPU generator would; the global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.set_rng_state(generator.get_state())
+        model = nn.Linear(dim, num_classes)
+        generator.set_state(torch.get_rng_state())
+    return model
 
 
 def train_torch_logreg(
@@ -210,43 +291,49 @@ def train_torch_logreg(
     epochs: int = TORCH_EPOCHS,
     batch_size: int = TORCH_BATCH_SIZE,
     momentum: float = TORCH_MOMENTUM,
-    seed: int = 0,
-) -> nn.Linear:
-    """Train a linear classifier with SGD + momentum and a per-iteration cosine schedule.
+    seed: int = DEFAULT_SEED,
+    generators: tuple[torch.Generator, torch.Generator] | None = None,
+) -> tuple[nn.Linear, bool]:
+    """Train a linear classifier as t-ReX's ``LogregTorchTrainer``; returns (model, diverged).
 
-    ``X_train`` and ``y_train`` live on the training device; only minibatches of ``batch_size`` rows enter the
-    graph, so ImageNet-size feature sets (1.28M x 768 float32, ~4 GB) fit on one GPU. Shuffling uses its own
-    CPU ``torch.Generator`` and the weights a seeded init, so runs are reproducible and do not touch the global
-    RNG.
+    Order of the draws: one shuffle of the samples, then the ``nn.Linear`` init (:func:`init_linear`), then per
+    epoch: minibatches of ``batch_size`` (the last one partial) in that order, mean cross-entropy, SGD (momentum
+    0.9, no dampening or Nesterov, weight decay on weights and bias), and a new shuffle after the epoch; the lr of
+    each epoch is :func:`torch_lr_at_epoch`. A non-finite loss stops the training before that step (``diverged``;
+    the model is kept as it is, as there). ``generators`` (from :func:`make_torch_generators`) continue across
+    calls; by default a fresh pair seeded with ``seed``. ``X_train`` stays on its device; only minibatches enter
+    the graph, so ImageNet-size feature sets fit on one GPU.
     """
     device = X_train.device
     num_samples, dim = X_train.shape
-    generator = torch.Generator().manual_seed(seed)
-    model = nn.Linear(dim, num_classes).to(device)
-    with torch.no_grad():
-        model.weight.copy_(torch.randn(num_classes, dim, generator=generator) * 0.01)
-        model.bias.zero_()
+    init_gen, perm_gen = generators if generators is not None else make_torch_generators(seed, device)
+    batch_size = min(batch_size, num_samples)
+
+    def shuffle() -> torch.Tensor:
+        return torch.randperm(num_samples, generator=perm_gen, device=perm_gen.device).to(device)
+
+    perm = shuffle()
+    model = init_linear(dim, num_classes, init_gen).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
-    steps_per_epoch = math.ceil(num_samples / batch_size)
-    num_steps = epochs * steps_per_epoch
-    step = 0
-    for _ in range(epochs):
-        perm = torch.randperm(num_samples, generator=generator).to(device, non_blocking=True)
+    for epoch in range(epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = torch_lr_at_epoch(lr, epoch, epochs)
         for start in range(0, num_samples, batch_size):
-            for group in optimizer.param_groups:
-                group["lr"] = 0.5 * lr * (1.0 + math.cos(math.pi * step / num_steps))
             idx = perm[start : start + batch_size]
             loss = F.cross_entropy(model(X_train[idx]), y_train[idx])
-            optimizer.zero_grad(set_to_none=True)
+            if not torch.isfinite(loss):
+                logger.debug("loss %s at epoch %d (lr %.3g, wd %.3g): stopping", loss.item(), epoch, lr, wd)
+                return model, True
+            optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            step += 1
-    return model
+        perm = shuffle()
+    return model, False
 
 
 @torch.no_grad()
-def predict_torch(model: nn.Module, X: torch.Tensor, batch_size: int = EVAL_BATCH_SIZE) -> torch.Tensor:
-    """Arg-max predictions in chunks, returned on CPU."""
+def predict_torch(model: nn.Module, X: torch.Tensor, batch_size: int = TORCH_BATCH_SIZE) -> torch.Tensor:
+    """Arg-max predictions in chunks of ``batch_size``, returned on CPU."""
     preds = [model(X[start : start + batch_size]).argmax(dim=1).cpu() for start in range(0, len(X), batch_size)]
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
 
@@ -255,20 +342,23 @@ def fit_predict_torch(
     X_train: torch.Tensor,
     y_train: torch.Tensor,
     X_eval: torch.Tensor,
-    num_classes: int,
+    num_classes: int | None,
     lr: float,
     wd: float,
-    seed: int = 0,
+    seed: int = DEFAULT_SEED,
     epochs: int = TORCH_EPOCHS,
     batch_size: int = TORCH_BATCH_SIZE,
+    generators: tuple[torch.Generator, torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """Train :func:`train_torch_logreg` and predict ``X_eval``; a diverged model predicts -1 (counts as wrong)."""
-    model = train_torch_logreg(
-        X_train, y_train, num_classes, lr=lr, wd=wd, epochs=epochs, batch_size=batch_size, seed=seed
+    """Train :func:`train_torch_logreg` and predict ``X_eval``. ``num_classes=None``: ``y_train.max() + 1``, as
+    there. A diverged model still predicts (as there; its NaN logits mostly give class 0)."""
+    if num_classes is None:
+        num_classes = int(y_train.max().item()) + 1
+    model, _ = train_torch_logreg(
+        X_train, y_train, num_classes, lr=lr, wd=wd, epochs=epochs, batch_size=batch_size, seed=seed,
+        generators=generators,
     )
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
-        return torch.full((len(X_eval),), -1, dtype=torch.long)
-    return predict_torch(model, X_eval)
+    return predict_torch(model, X_eval, batch_size=batch_size)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -291,18 +381,29 @@ def _check_split(split: dict, name: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _make_fit_predict(
-    clf_type: str, num_classes: int, seed: int, device: torch.device, torch_epochs: int, torch_batch_size: int
-) -> tuple[Callable[[optuna.Trial], dict[str, float]], Callable[..., torch.Tensor]]:
-    """Return (suggest hyper-parameters for a trial, fit on train and predict eval with given params)."""
+    clf_type: str,
+    seed: int,
+    device: torch.device,
+    torch_epochs: int,
+    torch_batch_size: int,
+    sklearn_max_iter: int,
+) -> tuple[Callable[[optuna.Trial], dict[str, float]], Callable[..., tuple[torch.Tensor, bool]]]:
+    """Return (suggest a trial's hyper-parameters, fit on train and predict eval -> (predictions, diverged)).
+
+    The torch classifier's generators are made once here and shared by every trial and the refit, as the
+    reference's global streams are.
+    """
     if clf_type == "logreg_sklearn":
 
         def suggest(trial: optuna.Trial) -> dict[str, float]:
             return {"C": trial.suggest_float("C", *SKLEARN_C_RANGE, log=True)}
 
         def fit_predict(X_train, y_train, X_eval, params):
-            return fit_predict_sklearn(X_train, y_train, X_eval, C=params["C"])
+            pred = fit_predict_sklearn(X_train, y_train, X_eval, C=params["C"], max_iter=sklearn_max_iter, seed=seed)
+            return pred, False
 
     else:
+        generators = make_torch_generators(seed, device)
 
         def suggest(trial: optuna.Trial) -> dict[str, float]:
             return {
@@ -311,19 +412,27 @@ def _make_fit_predict(
             }
 
         def fit_predict(X_train, y_train, X_eval, params):
-            return fit_predict_torch(
-                X_train.to(device),
-                y_train.to(device),
-                X_eval.to(device),
-                num_classes,
-                lr=params["lr"],
-                wd=params["wd"],
-                seed=seed,
-                epochs=torch_epochs,
-                batch_size=torch_batch_size,
+            num_classes = int(y_train.max().item()) + 1  # the reference's output size
+            model, diverged = train_torch_logreg(
+                X_train.to(device), y_train.to(device), num_classes, lr=params["lr"], wd=params["wd"],
+                epochs=torch_epochs, batch_size=torch_batch_size, generators=generators,
             )
+            return predict_torch(model, X_eval.to(device), batch_size=torch_batch_size), diverged
 
     return suggest, fit_predict
+
+
+def tpe_sampler_options(clf_type: str, seed: int = DEFAULT_SEED) -> dict[str, Any]:
+    """The reference's ``TPESampler`` arguments: multivariate and grouped for the torch classifier's (lr, wd),
+    independent for sklearn's C; constant_liar off and 10 random start-up trials (optuna 3.x defaults)."""
+    joint = clf_type == "logreg_torch"
+    return {
+        "seed": seed,
+        "n_startup_trials": TPE_N_STARTUP_TRIALS,
+        "multivariate": joint,
+        "group": joint,
+        "constant_liar": TPE_CONSTANT_LIAR,
+    }
 
 
 def run_logreg(
@@ -332,17 +441,21 @@ def run_logreg(
     clf_type: str = "logreg_sklearn",
     features_norm: str | None = None,
     n_trials: int | None = None,
-    seed: int = 0,
+    seed: int = DEFAULT_SEED,
     device: str | torch.device = "cpu",
-    holdout_fraction: float = 0.2,
+    holdout_fraction: float = HOLDOUT_FRACTION,
     torch_epochs: int = TORCH_EPOCHS,
     torch_batch_size: int = TORCH_BATCH_SIZE,
+    sklearn_max_iter: int = SKLEARN_MAX_ITER,
+    holdout_carry_over: bool = True,
 ) -> dict[str, Any]:
     """Search hyper-parameters on a stratified hold-out of ``trainval``, refit on all of it, score ``test``.
 
     ``features_norm=None`` picks the protocol default (``none`` for sklearn, ``l2`` for the torch classifier);
-    ``n_trials=None`` picks 30 (sklearn) or 20 (torch). Returns ``top1`` and ``mean_per_class_acc`` (fractions),
-    ``best_params``, ``holdout_top1`` (the best trial's hold-out top-1) and the run's settings.
+    ``n_trials=None`` picks 40. Each trial fits on the train part and scores hold-out top-1; the best trial's
+    parameters (the first one on ties) are refitted on all of trainval (normalisation re-fitted too) and the
+    test predictions scored. Returns ``top1`` and ``mean_per_class_acc`` (fractions), ``best_params``,
+    ``holdout_top1`` (the best trial's hold-out top-1), every trial's ``params`` and ``value`` and the settings.
     """
     if clf_type not in CLF_TYPES:
         raise ValueError(f"unknown clf_type {clf_type!r}, expected one of {CLF_TYPES}")
@@ -369,9 +482,12 @@ def run_logreg(
             f"class-count mismatch: {len(absent)} test class(es) have no trainval sample (e.g. {absent[:5]}); "
             "were both splits extracted with the same class list?"
         )
-    num_classes = int(max(Y_trainval.max().item(), Y_test.max().item())) + 1
 
-    train_idx, val_idx = stratified_holdout(Y_trainval, fraction=holdout_fraction, seed=seed)
+    train_idx, val_idx = stratified_holdout(
+        Y_trainval, fraction=holdout_fraction, seed=seed, carry_over=holdout_carry_over
+    )
+    if len(val_idx) == 0:
+        raise ValueError("the hold-out split is empty: every class has a single trainval sample")
     # The torch classifier's data moves to its device once, not once per trial.
     data_device = device if clf_type == "logreg_torch" else torch.device("cpu")
     X_trainval, Y_trainval = X_trainval.to(data_device), Y_trainval.to(data_device)
@@ -380,57 +496,79 @@ def run_logreg(
     X_fit, X_val = normalize_features(X_trainval[train_idx_t], X_trainval[val_idx_t], features_norm)
     Y_fit, Y_val_cpu = Y_trainval[train_idx_t], Y_trainval[val_idx_t].cpu()
 
-    suggest, fit_predict = _make_fit_predict(clf_type, num_classes, seed, device, torch_epochs, torch_batch_size)
+    suggest, fit_predict = _make_fit_predict(
+        clf_type, seed, device, torch_epochs, torch_batch_size, sklearn_max_iter
+    )
 
     def objective(trial: optuna.Trial) -> float:
-        pred = fit_predict(X_fit, Y_fit, X_val, suggest(trial))
+        pred, _ = fit_predict(X_fit, Y_fit, X_val, suggest(trial))
         return (pred == Y_val_cpu).double().mean().item()
 
+    num_classes = len(torch.unique(Y_trainval))
     logger.info(
         "%s (features_norm=%s): %d trials on %d train / %d hold-out samples, %d classes",
         clf_type, features_norm, n_trials, len(train_idx), len(val_idx), num_classes,
     )
     start = time.perf_counter()
-    study = _optimize(objective, n_trials=n_trials, seed=seed, desc=f"{clf_type} search")
+    sampler_options = tpe_sampler_options(clf_type, seed)
+    study = _optimize(objective, n_trials=n_trials, sampler_options=sampler_options, desc=f"{clf_type} search")
     best_params = dict(study.best_params)
     logger.info("best hold-out top-1 %.4f with %s", study.best_value, best_params)
 
     # Refit on the whole trainval; "standard" statistics are re-fitted on it too.
     X_fit = X_val = None  # free the hold-out split before the refit (the objective's cells held it)
     X_all, X_eval = normalize_features(X_trainval, X_test.to(data_device), features_norm)
-    pred_test = fit_predict(X_all, Y_trainval, X_eval, best_params)
+    pred_test, diverged = fit_predict(X_all, Y_trainval, X_eval, best_params)
+    if diverged:
+        logger.warning("the refit with %s diverged (non-finite loss); its test predictions are kept", best_params)
     metrics = classification_metrics(pred_test, Y_test)
     logger.info(
         "test top-1 %.4f, mean per-class acc %.4f (%.1f s)",
         metrics["top1"], metrics["mean_per_class_acc"], time.perf_counter() - start,
     )
-    return {
+    result = {
         "top1": metrics["top1"],
         "mean_per_class_acc": metrics["mean_per_class_acc"],
         "best_params": best_params,
         "holdout_top1": float(study.best_value),
+        "trials": [{"params": dict(t.params), "value": t.value} for t in study.trials],
         "clf_type": clf_type,
         "features_norm": features_norm,
         "n_trials": n_trials,
         "num_train": int(len(X_trainval)),
         "num_test": int(len(X_test)),
+        "num_holdout": int(len(val_idx)),
         "seed": seed,
+        "tpe": sampler_options,
     }
+    if clf_type == "logreg_torch":
+        result["refit_diverged"] = diverged
+    else:
+        result["sklearn_max_iter"] = sklearn_max_iter
+    return result
 
 
-def _optimize(objective: Callable[[optuna.Trial], float], n_trials: int, seed: int, desc: str) -> optuna.Study:
-    """Run a seeded TPE study with optuna's per-trial log lines replaced by one tqdm bar."""
+def _optimize(
+    objective: Callable[[optuna.Trial], float], n_trials: int, sampler_options: dict[str, Any], desc: str
+) -> optuna.Study:
+    """Run a seeded TPE study (one trial at a time) with optuna's per-trial log lines replaced by a tqdm bar."""
     previous_verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+        with warnings.catch_warnings():
+            # multivariate / group are "experimental" arguments; the reference uses them.
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            sampler = optuna.samplers.TPESampler(**sampler_options)
+        study = optuna.create_study(direction="maximize", sampler=sampler)
         with tqdm(total=n_trials, desc=desc, disable=not distributed.is_main_process(), leave=False) as bar:
 
             def update_bar(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
                 bar.update(1)
                 bar.set_postfix(best=f"{study.best_value:.4f}")
 
-            study.optimize(objective, n_trials=n_trials, callbacks=[update_bar])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.optimize(objective, n_trials=n_trials, n_jobs=1, callbacks=[update_bar])
     finally:
         optuna.logging.set_verbosity(previous_verbosity)
     return study
