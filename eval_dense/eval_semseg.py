@@ -1,15 +1,26 @@
 """ADE20K linear semantic segmentation on a frozen encoder (DINOv2 linear protocol, no mmcv/mmseg).
 
     [torchrun --nproc_per_node N] eval_dense/eval_semseg.py --data_dir ADEChallengeData2016 \\
-        --pretrained run/checkpoint.pth [--layers last|last4] [--visualize 8]
+        --pretrained run/checkpoint.pth [--schedule unic|dinov2] [--layers last|last4] [--visualize 8]
 
-Trains BatchNorm + 1x1 conv on the patch tokens of the frozen backbone's last block (or last 4 concatenated)
-for 40k iterations at a global batch of 16 (512x512 crops of images rescaled 0.5-2.0 x (2048, 512), flip,
-photometric distortion; AdamW lr 1e-3 wd 1e-4, poly schedule after 1500 linear warm-up iterations), then
-evaluates on the validation split with sliding windows (512, stride 341). Writes to ``--output_dir``:
-``results.json`` (mIoU, aAcc, mAcc as fractions, per-class IoU/accuracy), ``head.pth``, ``log.txt``,
-``metrics.jsonl``, TensorBoard logs and, with ``--visualize N``, ``visualizations/*.png``
-(image | ground truth | prediction).
+Trains BatchNorm + 1x1 conv on the final-normed patch tokens of the frozen backbone's last block (or last 4
+concatenated): 512x512 crops of images rescaled 0.5-2.0 x (99999999, 512) (short side 512 x ratio), flip,
+photometric distortion; AdamW lr 1e-3 wd 1e-4, poly schedule after 1500 linear warm-up iterations; then
+evaluates on the validation split with sliding windows (512, stride 341). ``--schedule`` picks the length:
+
+- ``unic`` (default): 80k iterations at a global batch of 8, UNIC's ``eval_dense/eval_semseg.py`` defaults
+  (``samples_per_gpu=8``, ``iter_with_8_gpu=10000`` x 8 on its single GPU), the schedule behind UNIC's published
+  39.6 (ViT-B/16) and UNIC-L's 48.3 (ViT-L/14) mIoU;
+- ``dinov2``: 40k iterations at a global batch of 16 (2 per GPU x 8 GPUs), DINOv2's published
+  ``dinov2_vit*14_ade20k_linear_config.py``.
+
+Both see 640k crops and evaluate every 10k iterations; the reported numbers are those after the last one.
+Explicit flags (``--iterations``, ``--batch_size``, ``--lr``, ...) override the preset. The global batch does
+not depend on the number of processes (SyncBN on CUDA, so BN statistics are over the global batch too).
+
+Writes to ``--output_dir``: ``results.json`` (mIoU, aAcc, mAcc as fractions, per-class IoU/accuracy, the
+schedule and every resolved setting), ``head.pth``, ``log.txt``, ``metrics.jsonl``, TensorBoard logs and, with
+``--visualize N``, ``visualizations/*.png`` (image | ground truth | prediction).
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ from unic import distributed
 from unic.eval.encoders import load_encoder
 from unic.eval.semseg import (
     ADE20K_CLASSES,
+    DINOV2_ADE20K_SCALE,
     IGNORE_INDEX,
     NUM_CLASSES,
     ADE20KDataset,
@@ -57,6 +69,30 @@ logger = logging.getLogger("eval_semseg")
 LAYERS = {"last": 1, "last4": 4}
 HEAD_FORMAT = "unic-semseg-linear-head"
 
+# Settings shared by both references: DINOv2's published ADE20K linear configs (dinov2_vit{b,l}14_ade20k_linear_
+# config.py, which UNIC's eval_dense/eval_semseg.py downloads and edits): AdamW lr 1e-3, wd 1e-4, poly (power 1,
+# min_lr 0) with 1500 linear warm-up iterations (ratio 1e-6), Resize(img_scale=(99999999, 512),
+# ratio_range=(0.5, 2.0)), 512x512 crops, slide test (512, stride 341), backbone out_indices = last 4 blocks with
+# the head reading only the last (in_index=[3]), evaluation every 10000 iterations.
+_REFERENCE = {"lr": 1e-3, "weight_decay": 1e-4, "warmup_iters": 1500, "crop_size": 512, "stride": 341,
+              "scale": DINOV2_ADE20K_SCALE, "layers": "last", "eval_every": 10_000}
+SCHEDULES: dict[str, dict] = {
+    # UNIC: samples_per_gpu=8 and max_iters = iter_with_8_gpu (10000) x 8 / len(gpu_ids) (1): 80k x 8 on 1 GPU;
+    # lr left at the config's 1e-3, warm-up at 1500, evaluation every min(10000, max_iters).
+    "unic": {"iterations": 80_000, "batch_size": 8, **_REFERENCE},
+    # DINOv2: samples_per_gpu=2 on gpu_ids=range(0, 8), IterBasedRunner max_iters=40000.
+    "dinov2": {"iterations": 40_000, "batch_size": 16, **_REFERENCE},
+}
+DEFAULT_SCHEDULE = "unic"
+
+
+def _preset_help(key: str) -> str:
+    values = {name: preset[key] for name, preset in SCHEDULES.items()}
+    shown = {name: " ".join(map(str, v)) if isinstance(v, tuple) else v for name, v in values.items()}
+    if len(set(map(str, shown.values()))) == 1:
+        return f"default: the schedule's ({next(iter(shown.values()))})"
+    return "default: the schedule's (" + ", ".join(f"{name}: {v}" for name, v in shown.items()) + ")"
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -67,22 +103,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="UNIC checkpoint.pth / student.pth, or a timm:<model>[.<tag>] ViT baseline")
     parser.add_argument("--weights", default=None, help="weights file for a timm: baseline (else the hub)")
     parser.add_argument("--output_dir", default=None,
-                        help="default: <pretrained dir>/semseg_ade20k_<layers>, or output/semseg/<model>_<layers>")
-    parser.add_argument("--layers", default="last", choices=tuple(LAYERS),
-                        help="patch tokens of the last block, or of the last 4 blocks concatenated")
+                        help="default: <pretrained dir>/semseg_ade20k_<schedule>_<layers>, or "
+                             "output/semseg/<model>_<schedule>_<layers>")
+    parser.add_argument("--schedule", default=DEFAULT_SCHEDULE, choices=tuple(SCHEDULES),
+                        help="reference protocol the settings below default to: unic (80k iterations at a global "
+                             "batch of 8, UNIC's own, behind its published 39.6 / 48.3 mIoU) or dinov2 (40k x 16)")
+    parser.add_argument("--layers", default=None, choices=tuple(LAYERS),
+                        help="patch tokens of the last block, or of the last 4 blocks concatenated; "
+                             + _preset_help("layers"))
     parser.add_argument("--num_classes", type=int, default=NUM_CLASSES,
                         help="classes after reduce_zero_label (ADE20K: 150); labels must lie below it or be 255")
-    parser.add_argument("--iterations", type=int, default=40_000, help="training iterations")
-    parser.add_argument("--batch_size", type=int, default=16, help="global batch (split evenly over processes)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate")
-    parser.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
-    parser.add_argument("--warmup_iters", type=int, default=1500, help="linear warm-up iterations of the poly schedule")
-    parser.add_argument("--crop_size", type=int, default=512, help="training crop and sliding-window size")
-    parser.add_argument("--stride", type=int, default=341, help="sliding-window stride")
-    parser.add_argument("--scale", type=int, nargs=2, default=(2048, 512), metavar=("LONG", "SHORT"),
-                        help="mmseg img_scale: training rescales it by 0.5-2.0, evaluation resizes to it")
+    parser.add_argument("--iterations", type=int, default=None, help="training iterations; " + _preset_help("iterations"))
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="global batch (split evenly over processes); " + _preset_help("batch_size"))
+    parser.add_argument("--lr", type=float, default=None, help="AdamW peak learning rate; " + _preset_help("lr"))
+    parser.add_argument("--weight_decay", type=float, default=None,
+                        help="AdamW weight decay; " + _preset_help("weight_decay"))
+    parser.add_argument("--warmup_iters", type=int, default=None,
+                        help="linear warm-up iterations of the poly schedule; " + _preset_help("warmup_iters"))
+    parser.add_argument("--crop_size", type=int, default=None,
+                        help="training crop and sliding-window size; " + _preset_help("crop_size"))
+    parser.add_argument("--stride", type=int, default=None, help="sliding-window stride; " + _preset_help("stride"))
+    parser.add_argument("--scale", type=int, nargs=2, default=None, metavar=("LONG", "SHORT"),
+                        help="mmseg img_scale: training rescales it by 0.5-2.0, evaluation resizes to it (the "
+                             "largest size with long edge <= LONG and short edge <= SHORT); " + _preset_help("scale"))
     parser.add_argument("--windows_per_batch", type=int, default=4, help="sliding windows per forward pass")
-    parser.add_argument("--eval_every", type=int, default=0, help="also evaluate every N iterations (0: at the end)")
+    parser.add_argument("--eval_every", type=int, default=None,
+                        help="also evaluate every N iterations (0: at the end only); " + _preset_help("eval_every"))
     parser.add_argument("--visualize", type=int, default=0, metavar="N",
                         help="write image / ground truth / prediction PNGs of the first N validation images")
     parser.add_argument("--load_head", default=None, help="evaluate a saved head.pth instead of training one")
@@ -93,7 +140,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="autocast dtype of the frozen backbone (auto: bf16 on CUDA, fp32 on CPU); "
                              "the head trains in float32")
     parser.add_argument("--log_every", type=int, default=50, help="log the loss every N iterations")
-    return parser.parse_args(argv)
+    return resolve_schedule(parser.parse_args(argv))
+
+
+def resolve_schedule(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill every setting left unset (None) with ``--schedule``'s value; ``args.overridden`` lists the ones
+    given explicitly."""
+    preset = SCHEDULES[args.schedule]
+    args.overridden = sorted(key for key in preset if getattr(args, key) is not None)
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.scale = tuple(int(v) for v in args.scale)
+    return args
+
+
+def schedule_record(args: argparse.Namespace) -> dict:
+    """The schedule and the resolved training settings, as written to results.json and head.pth."""
+    return {
+        "schedule": args.schedule, "schedule_overrides": list(args.overridden),
+        "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
+        "warmup_iters": args.warmup_iters, "crop_size": args.crop_size, "scale": list(args.scale),
+        "eval_every": args.eval_every, "layers": args.layers, "seed": args.seed,
+        "world_size": distributed.get_world_size(),
+    }
 
 
 def validate_args(args: argparse.Namespace) -> None:
@@ -123,9 +193,10 @@ def validate_args(args: argparse.Namespace) -> None:
 
 
 def default_output_dir(args: argparse.Namespace) -> str:
+    tag = f"{args.schedule}_{args.layers}"
     if os.path.isfile(args.pretrained):
-        return os.path.join(os.path.dirname(os.path.abspath(args.pretrained)), f"semseg_ade20k_{args.layers}")
-    return os.path.join("output", "semseg", f"{args.pretrained.replace(':', '_').replace('/', '_')}_{args.layers}")
+        return os.path.join(os.path.dirname(os.path.abspath(args.pretrained)), f"semseg_ade20k_{tag}")
+    return os.path.join("output", "semseg", f"{args.pretrained.replace(':', '_').replace('/', '_')}_{tag}")
 
 
 def check_labels(datasets: dict[str, ADE20KDataset], num_classes: int, num_workers: int, device) -> None:
@@ -178,11 +249,13 @@ def save_head(path: str, head: nn.Module, backbone: FrozenPatchBackbone, args: a
         "num_last_blocks": backbone.num_last_blocks,
         "iteration": iteration,
         "pretrained": args.pretrained,
+        "training": schedule_record(args),
     }, path)
 
 
-def load_head(path: str, head: nn.Module, backbone: FrozenPatchBackbone) -> int:
-    """Load a saved head into ``head``; returns the iteration it was saved at."""
+def load_head(path: str, head: nn.Module, backbone: FrozenPatchBackbone) -> tuple[int, dict | None]:
+    """Load a saved head into ``head``; returns the iteration it was saved at and its training record (the
+    schedule and resolved settings, None for heads saved before they were recorded)."""
     from unic.train.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path)
@@ -194,7 +267,7 @@ def load_head(path: str, head: nn.Module, backbone: FrozenPatchBackbone) -> int:
             f"give {backbone.out_dim} features and --num_classes is {head.num_classes}"
         )
     head.load_state_dict(ckpt["state_dict"])
-    return int(ckpt.get("iteration", 0))
+    return int(ckpt.get("iteration", 0)), ckpt.get("training")
 
 
 @torch.no_grad()
@@ -271,10 +344,18 @@ def run(args, backbone: FrozenPatchBackbone, datasets: dict, device: torch.devic
     logger.info("frozen %s, %s -> %d-d patch features; head %s", backbone.encoder.name, args.layers,
                 backbone.out_dim, head)
     head_path = os.path.join(output_dir, "head.pth")
+    record = schedule_record(args)
     if args.load_head is not None:
-        iteration, train_seconds = load_head(args.load_head, head, backbone), 0.0
-        logger.info("evaluating the head of %s", args.load_head)
+        (iteration, trained_with), train_seconds = load_head(args.load_head, head, backbone), 0.0
+        # a head saved before the record existed: its training settings are unknown
+        record = trained_with or {**{key: None for key in record}, "layers": args.layers}
+        logger.info("evaluating the head of %s (trained with schedule %s)", args.load_head, record["schedule"])
     else:
+        logger.info("schedule %s%s: %d iterations, global batch %d, lr %g, wd %g, warm-up %d, crop %d, stride %d, "
+                    "scale %s, layers %s, eval every %d", args.schedule,
+                    f" (overridden: {', '.join(args.overridden)})" if args.overridden else "", args.iterations,
+                    args.batch_size, args.lr, args.weight_decay, args.warmup_iters, args.crop_size, args.stride,
+                    tuple(args.scale), args.layers, args.eval_every)
         iteration, train_seconds = train(args, backbone, head, datasets, device, writer)
         broadcast_buffers(head)  # without SyncBN every rank ends with its own BN statistics: keep rank 0's
         if distributed.is_main_process():
@@ -290,10 +371,10 @@ def run(args, backbone: FrozenPatchBackbone, datasets: dict, device: torch.devic
         writer.write(iteration, {k: v for k, v in results.items() if k != "per_class"}, prefix="val")
         results.update({
             "num_classes": args.num_classes, "num_validation_images": len(datasets["validation"]),
-            "pretrained": args.pretrained, "layers": args.layers, "iterations": iteration,
-            "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
-            "warmup_iters": args.warmup_iters, "crop_size": args.crop_size, "stride": args.stride,
-            "scale": list(args.scale), "seed": args.seed, "world_size": distributed.get_world_size(),
+            "pretrained": args.pretrained, **record, "iterations": iteration,
+            # evaluation settings of this run (with --load_head, the training ones above are the head's)
+            "eval_crop_size": args.crop_size, "stride": args.stride, "eval_scale": list(args.scale),
+            "precision": args.precision,
             "head": head_path if args.load_head is None else args.load_head,
             "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1),
         })

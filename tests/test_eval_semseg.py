@@ -133,6 +133,85 @@ def test_eval_semseg_two_processes(ade, student4, tmp_path):
         assert rescored[key] == pytest.approx(results[key], abs=1e-12)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Schedules (--schedule unic|dinov2)
+# --------------------------------------------------------------------------------------------------------------
+
+# The references' values, written out here rather than read from eval_semseg.SCHEDULES: UNIC's
+# eval_dense/eval_semseg.py (samples_per_gpu=8, 10000 x 8 iterations on 1 GPU) and DINOv2's published
+# dinov2_vit{b,l}14_ade20k_linear_config.py (2 per GPU x 8 GPUs, 40000 iterations), which share everything else.
+SHARED = {"lr": 1e-3, "weight_decay": 1e-4, "warmup_iters": 1500, "crop_size": 512, "stride": 341,
+          "scale": (99_999_999, 512), "layers": "last", "eval_every": 10_000}
+REFERENCE = {"unic": {"iterations": 80_000, "batch_size": 8, **SHARED},
+             "dinov2": {"iterations": 40_000, "batch_size": 16, **SHARED}}
+
+
+@pytest.mark.parametrize("flags, schedule", [([], "unic"), (["--schedule", "unic"], "unic"),
+                                             (["--schedule", "dinov2"], "dinov2")])
+def test_schedules_resolve_to_the_reference_values(flags, schedule):
+    args = eval_semseg.parse_args(["--data_dir", "d", "--pretrained", "p", *flags])
+    assert args.schedule == schedule  # unic is the default
+    assert {key: getattr(args, key) for key in REFERENCE[schedule]} == REFERENCE[schedule]
+    assert args.overridden == []
+    assert set(eval_semseg.SCHEDULES) == set(REFERENCE)
+
+
+def test_explicit_flags_override_the_schedule():
+    args = eval_semseg.parse_args(["--data_dir", "d", "--pretrained", "p", "--schedule", "dinov2",
+                                   "--iterations", "5", "--lr", "0.5", "--layers", "last4", "--scale", "64", "16",
+                                   "--eval_every", "0", "--weight_decay", "0"])
+    assert (args.iterations, args.lr, args.layers, args.scale) == (5, 0.5, "last4", (64, 16))
+    assert args.eval_every == 0 and args.weight_decay == 0.0  # explicit zeros are overrides, not "unset"
+    assert args.overridden == ["eval_every", "iterations", "layers", "lr", "scale", "weight_decay"]
+    untouched = {key: getattr(args, key) for key in ("batch_size", "warmup_iters", "crop_size", "stride")}
+    assert untouched == {key: REFERENCE["dinov2"][key] for key in untouched}
+
+
+@pytest.fixture(scope="module")
+def ade16(tmp_path_factory):
+    """16 training images: a real batch of the dinov2 schedule (16) and two of the unic one (8)."""
+    root = tmp_path_factory.mktemp("ADE16")
+    write_ade20k_quadrants(root, "training", 16, seed=0)
+    write_ade20k_quadrants(root, "validation", 2, seed=1)
+    return root
+
+
+@pytest.mark.parametrize("schedule", ["unic", "dinov2"])
+def test_tiny_run_with_each_schedule_records_it(ade16, student4, tmp_path, schedule):
+    """A real run under each schedule name: only the length and the image geometry are overridden (tiny images);
+    batch, lr, wd, warm-up, layers and evaluation interval come from the preset, and results.json / head.pth
+    say so."""
+    out = tmp_path / schedule
+    geometry = ["--crop_size", "32", "--stride", "21", "--scale", "128", "32"]
+    assert eval_semseg.main(["--data_dir", str(ade16), "--pretrained", student4, "--output_dir", str(out),
+                             "--schedule", schedule, "--iterations", "2", *geometry, "--num_classes",
+                             str(NUM_CLASSES), "--num_workers", "0", "--log_every", "1"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    reference = REFERENCE[schedule]
+    assert results["schedule"] == schedule and results["iterations"] == 2
+    assert results["schedule_overrides"] == ["crop_size", "iterations", "scale", "stride"]
+    for key in ("batch_size", "lr", "weight_decay", "warmup_iters", "layers", "eval_every"):
+        assert results[key] == reference[key], key
+    assert results["crop_size"] == 32 and results["scale"] == [128, 32] and results["stride"] == 21
+    assert results["world_size"] == 1 and 0.0 <= results["mIoU"] <= 1.0
+    head = torch.load(out / "head.pth", weights_only=True)
+    assert head["training"]["schedule"] == schedule and head["training"]["batch_size"] == reference["batch_size"]
+
+    # Re-scoring reports the schedule the head was trained with, not the (default) one of the re-scoring call.
+    rescored = tmp_path / f"{schedule}_rescored"
+    assert eval_semseg.main(["--data_dir", str(ade16), "--pretrained", student4, "--output_dir", str(rescored),
+                             *geometry, "--num_classes", str(NUM_CLASSES), "--num_workers", "0",
+                             "--load_head", str(out / "head.pth")]) == 0
+    again = json.loads((rescored / "results.json").read_text())
+    assert again["schedule"] == schedule and again["batch_size"] == reference["batch_size"]
+    assert again["mIoU"] == pytest.approx(results["mIoU"], abs=1e-12)
+
+
+def test_default_output_dir_names_the_schedule(student4):
+    args = eval_semseg.parse_args(["--data_dir", "d", "--pretrained", student4, "--schedule", "dinov2"])
+    assert eval_semseg.default_output_dir(args).endswith("semseg_ade20k_dinov2_last")
+
+
 def test_user_errors_exit_2_before_writing(ade, student4, tmp_path, capsys):
     out = tmp_path / "never"
     assert eval_semseg.main(tiny_args(ade, student4, out, "--num_classes", "3")) == 2

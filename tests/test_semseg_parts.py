@@ -183,6 +183,16 @@ def test_eval_transform_keeps_label_size():
     assert torch.allclose(image_t[:, 0, 0], expected)
 
 
+def test_dinov2_scale_rescales_the_short_side_whatever_the_aspect_ratio():
+    """DINOv2's linear configs use img_scale=(99999999, 512): a panorama is not capped by a long edge (mmseg's stock
+    (2048, 512) would give it a short side below 512)."""
+    image = np.zeros((100, 500, 3), dtype=np.uint8)
+    label = np.zeros((100, 500), dtype=np.uint8)
+    assert SegEvalTransform()(image, label)[0].shape == (3, 512, 2560)
+    assert SegEvalTransform(base_scale=(2048, 512))(image, label)[0].shape == (3, 410, 2048)
+    assert SegEvalTransform()(image[:, :120], label[:, :120])[0].shape == (3, 512, 614)  # usual shapes: the same
+
+
 def test_hsv_round_trip_matches_colorsys():
     rgb = torch.rand(3, 5, 7, generator=torch.Generator().manual_seed(0))
     rgb[:, 0, 0] = 0.5  # grey: hue undefined, saturation 0

@@ -4,8 +4,9 @@ What mmseg provides for that protocol, rewritten with numpy/PIL/torch and matchi
 
 - :class:`ADE20KDataset`: ``root/images/{split}/*.jpg`` + ``root/annotations/{split}/*.png``, with
   ``reduce_zero_label`` (0 -> 255 ignore, others minus 1: 150 classes 0..149);
-- :class:`SegTrainTransform` / :class:`SegEvalTransform`: mmseg's ADE20K pipelines (Resize with ratio range,
-  RandomCrop with ``cat_max_ratio``, RandomFlip, PhotoMetricDistortion, Normalize, Pad);
+- :class:`SegTrainTransform` / :class:`SegEvalTransform`: the ADE20K pipelines of DINOv2's linear configs
+  (mmseg Resize to ``img_scale=(99999999, 512)`` with ratio range, RandomCrop with ``cat_max_ratio``,
+  RandomFlip, PhotoMetricDistortion, Normalize, Pad);
 - :class:`LinearSegHead`: BatchNorm + 1x1 conv (mmseg ``BNHead`` as used by DINOv2's linear configs);
 - :func:`poly_lr`: mmseg's poly schedule with linear warm-up;
 - :func:`slide_inference`: mmseg's sliding-window inference;
@@ -40,6 +41,9 @@ IGNORE_INDEX = 255
 # mmseg's ImageNet normalisation, in 0..255 pixel units.
 IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
 IMAGENET_STD_255 = (58.395, 57.12, 57.375)
+# img_scale of DINOv2's ADE20K linear configs (mmseg's stock ADE20K config has (2048, 512)): the short side is
+# rescaled to 512 (x the training ratio) whatever the aspect ratio.
+DINOV2_ADE20K_SCALE = (99_999_999, 512)
 
 SegTransform = Callable[[Image.Image, np.ndarray], tuple[torch.Tensor, torch.Tensor]]
 
@@ -253,7 +257,7 @@ class PhotoMetricDistortion:
 
 
 class SegTrainTransform:
-    """mmseg's ADE20K training pipeline on a (PIL image, uint8 label) pair.
+    """mmseg's ADE20K training pipeline (as in DINOv2's linear configs) on a (PIL image, uint8 label) pair.
 
     Resize(img_scale=base_scale, ratio_range, keep_ratio=True) -> RandomCrop(crop_size, cat_max_ratio) ->
     RandomFlip(flip_prob) -> PhotoMetricDistortion -> Normalize -> Pad(crop_size, 0 for the image, 255 for the
@@ -264,7 +268,7 @@ class SegTrainTransform:
     def __init__(
         self,
         crop_size: int | tuple[int, int] = 512,
-        base_scale: tuple[int, int] = (2048, 512),
+        base_scale: tuple[int, int] = DINOV2_ADE20K_SCALE,
         ratio_range: tuple[float, float] = (0.5, 2.0),
         cat_max_ratio: float = 0.75,
         flip_prob: float = 0.5,
@@ -336,12 +340,12 @@ class SegTrainTransform:
 
 
 class SegEvalTransform:
-    """mmseg's ADE20K test pipeline: Resize(img_scale=base_scale, keep_ratio=True) (short side 512 for usual
-    aspect ratios) and Normalize. The label stays at its original size; upsample logits to it before scoring."""
+    """mmseg's ADE20K test pipeline: Resize(img_scale=base_scale, keep_ratio=True) (short side 512 with
+    DINOv2's scale) and Normalize. The label stays at its original size; upsample logits to it before scoring."""
 
     def __init__(
         self,
-        base_scale: tuple[int, int] = (2048, 512),
+        base_scale: tuple[int, int] = DINOV2_ADE20K_SCALE,
         mean: Sequence[float] = IMAGENET_MEAN_255,
         std: Sequence[float] = IMAGENET_STD_255,
     ) -> None:
