@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from teachers.convert import CheckpointFormatError, load_into, load_weights_file
+from teachers.pos_embed import resample_pos_embed
 from teachers.registry import TeacherSpec
 
 logger = logging.getLogger(__name__)
@@ -91,11 +92,35 @@ def resolve_weights(spec: TeacherSpec, weights: str | None, weights_dir: str) ->
     )
 
 
+def _default_device() -> torch.device:
+    """The device new tensors go to (``meta`` inside ``with torch.device("meta")``); torch>=2.1 has no getter."""
+    return torch.empty(0).device
+
+
+def _set_timm_resolution(model: nn.Module, resolution: int, rule: str) -> None:
+    """Move a loaded timm ViT to ``resolution``, resampling its trained position embedding with ``rule``."""
+    grid = tuple(s // model.patch_embed.patch_size[0] for s in (resolution, resolution))
+    if tuple(model.patch_embed.grid_size) == grid:
+        return
+    trained = model.pos_embed.detach().clone()
+    num_prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+    if hasattr(model, "set_input_size"):  # recent timm: updates the patch embed and the pretrained cfg
+        model.set_input_size(img_size=(resolution, resolution))
+    else:
+        pe = model.patch_embed
+        pe.img_size, pe.grid_size, pe.num_patches = (resolution, resolution), grid, grid[0] * grid[1]
+    # whatever timm's rule made of it, the family's rule from the trained embedding replaces it
+    model.pos_embed = nn.Parameter(resample_pos_embed(trained, grid, rule, num_prefix), requires_grad=False)
+
+
 def _build_timm(spec: TeacherSpec, kind: str, where: str | None) -> nn.Module:
     import timm
 
-    kwargs = {"num_classes": 0, "img_size": spec.resolution, **spec.model_kwargs}
+    kwargs = {"num_classes": 0, **spec.model_kwargs, "img_size": spec.resolution}
     if kind == "hub":
+        if spec.pos_embed_rule != "timm":
+            # built at the weights' own resolution, then resampled with the family's rule (not timm's)
+            kwargs.pop("img_size")
         try:
             model = timm.create_model(where, pretrained=True, **kwargs)
         except Exception as err:
@@ -103,10 +128,12 @@ def _build_timm(spec: TeacherSpec, kind: str, where: str | None) -> nn.Module:
                 f"teacher '{spec.name}': could not fetch hub weights '{where}' ({type(err).__name__}); "
                 f"offline, download them and set teachers.weights.{spec.name}=/path/to/file"
             ) from None
+        if spec.pos_embed_rule != "timm":
+            _set_timm_resolution(model, spec.resolution, spec.pos_embed_rule)
         return model
     model = timm.create_model(spec.arch, pretrained=False, **kwargs)
     if kind == "file":
-        load_into(model, load_weights_file(where), spec.ckpt_format, where)
+        load_into(model, load_weights_file(where), spec.ckpt_format, where, spec.pos_embed_rule)
     return model
 
 
@@ -115,7 +142,8 @@ def _build_open_clip(spec: TeacherSpec, kind: str, where: str | None) -> tuple[n
 
     pretrained = where if kind == "hub" else None
     try:
-        model = open_clip.create_model(spec.arch, pretrained=pretrained, device="cpu")
+        # the default device, so that ``with torch.device("meta")`` builds it without allocating memory
+        model = open_clip.create_model(spec.arch, pretrained=pretrained, device=_default_device())
     except RuntimeError as err:
         raise TeacherWeightsError(f"teacher '{spec.name}': {str(err).splitlines()[0]}") from None
     visual = model.visual
@@ -124,6 +152,12 @@ def _build_open_clip(spec: TeacherSpec, kind: str, where: str | None) -> tuple[n
         state = state.get("state_dict", state)
         prefix = "visual." if any(k.startswith("visual.") for k in state) else ""
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if torch.is_tensor(state.get("positional_embedding")):  # another grid: open_clip's own resampling
+            from open_clip.model import resize_pos_embed
+
+            resized = {"visual.positional_embedding": state["positional_embedding"]}
+            resize_pos_embed(resized, model)
+            state["positional_embedding"] = resized["visual.positional_embedding"]
         missing, unexpected = visual.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise CheckpointFormatError(

@@ -3,7 +3,8 @@
 Each format says where the backbone sits in the file and which prefixes/keys belong to something else
 (projection heads, mask tokens); timm's own ``checkpoint_filter_fn`` then handles what it knows (OpenAI
 and open_clip CLIP layouts, DINOv2 SwiGLU/mask token, DeiT-III ``gamma_*`` LayerScale, position-embedding
-resampling to the model's grid).
+resampling to the model's grid with timm's rule). A teacher whose family resamples differently (DINOv2) has
+its position embedding resampled with its own rule first (``teachers.pos_embed``), so timm has nothing to do.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import pickle
 
 import torch
 from torch import nn
+
+from teachers.pos_embed import resample_pos_embed
 
 # where the backbone state dict sits, prefixes to strip, key prefixes to drop
 FORMATS: dict[str, dict] = {
@@ -58,8 +61,12 @@ def _unwrap(state: dict, keys: tuple[str, ...]) -> dict:
     return state
 
 
-def convert_state_dict(state: dict, ckpt_format: str, model: nn.Module) -> dict:
-    """Map an official-layout state dict onto ``model`` (a timm VisionTransformer)."""
+def convert_state_dict(state: dict, ckpt_format: str, model: nn.Module, pos_embed_rule: str = "timm") -> dict:
+    """Map an official-layout state dict onto ``model`` (a timm VisionTransformer).
+
+    A position embedding on another grid than the model's is resampled with ``pos_embed_rule``
+    (``teachers.pos_embed.POS_EMBED_RULES``); "timm" leaves it to timm's ``checkpoint_filter_fn``.
+    """
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     if ckpt_format not in FORMATS:
@@ -78,15 +85,18 @@ def convert_state_dict(state: dict, ckpt_format: str, model: nn.Module) -> dict:
         if any(key.startswith(p) for p in fmt["drop"]):
             continue
         out[key] = value
+    if pos_embed_rule != "timm" and "pos_embed" in out and getattr(model, "pos_embed", None) is not None:
+        # the file keeps its cls slot (DINOv2 layout) or not (timm layout of register models): cls stays as is
+        out["pos_embed"] = resample_pos_embed(out["pos_embed"], model.patch_embed.grid_size, pos_embed_rule)
     out = checkpoint_filter_fn(out, model, adapt_layer_scale=True)
     if getattr(model, "num_classes", 0) == 0:
         out = {k: v for k, v in out.items() if not k.startswith("head.")}
     return out
 
 
-def load_into(model: nn.Module, state: dict, ckpt_format: str, source: str) -> None:
+def load_into(model: nn.Module, state: dict, ckpt_format: str, source: str, pos_embed_rule: str = "timm") -> None:
     """Convert and strictly load ``state`` into ``model``; a mismatch names the offending keys."""
-    converted = convert_state_dict(state, ckpt_format, model)
+    converted = convert_state_dict(state, ckpt_format, model, pos_embed_rule)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(converted))
     unexpected = sorted(set(converted) - set(expected))

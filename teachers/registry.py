@@ -29,6 +29,9 @@ class TeacherSpec:
     hub: str | None = None  # timm hub name (model.tag) or open_clip pretrained tag, used with weights=hub
     model_kwargs: dict = field(default_factory=dict)
     default_weights: str | None = None  # used when the config names no source ("random" for the toy teachers)
+    # how the position embedding is resampled from the weights' grid to ``resolution``: the family's own rule
+    # (teachers.pos_embed.POS_EMBED_RULES: "timm", "dinov2" for DINOv2 without registers, "dinov2_reg")
+    pos_embed_rule: str = "timm"
 
 
 _DINO = "https://dl.fbaipublicfiles.com/dino"
@@ -51,29 +54,32 @@ TEACHERS: dict[str, TeacherSpec] = {
                     ckpt_format="deit3", filename="deit_3_base_224_1k.pth",
                     url="https://dl.fbaipublicfiles.com/deit/deit_3_base_224_1k.pth",
                     hub="deit3_base_patch16_224.fb_in1k"),
-        # iBOT ("state_dict" key, module./backbone. prefixes, projection head dropped)
+        # iBOT ("state_dict" key, module./backbone. prefixes, projection head dropped); UNIC distils the
+        # random-mask ViT-B/16 (vitb_16_rand_mask), not the block-mask one (vitb_16)
         TeacherSpec(name="ibot_vitb16", source="timm", arch="vit_base_patch16_224", resolution=224,
-                    ckpt_format="ibot", filename="ibot_vitb16_checkpoint_teacher.pth",
+                    ckpt_format="ibot", filename="ibot_vitb16_rand_mask_checkpoint_teacher.pth",
                     url="https://lf3-nlp-opensource.bytetos.com/obj/nlp-opensource/archive/2022/ibot/"
-                        "vitb_16/checkpoint_teacher.pth"),
+                        "vitb_16_rand_mask/checkpoint_teacher.pth"),
         # dBOT fine-tuned on IN-1k ("model" key; global average pooling + fc_norm, no final norm)
         TeacherSpec(name="dbotft_vitb16", source="timm", arch="vit_base_patch16_224", resolution=224,
                     ckpt_format="dbot", filename="dbot_ft_vitb16_in1k.pth",
                     url="https://github.com/liuxingbin/dbot (ViT-B/16 fine-tuned checkpoint)",
                     model_kwargs={"global_pool": "avg"}),
-        # DINOv2 (hub files: raw state dict with mask_token; ViT-g uses SwiGLU)
+        # DINOv2 (hub files: raw state dict with mask_token, 37x37 position embedding for 518 px; ViT-g uses
+        # SwiGLU), run at 224 with the position embedding resampled by DINOv2's own rule (offset 0.1 and no
+        # antialiasing without registers, antialiasing and no offset with registers)
         *[
             TeacherSpec(name=f"dinov2_vit{size}14", source="timm", arch=f"vit_{full}_patch14_dinov2",
                         resolution=224, ckpt_format="dinov2", filename=f"dinov2_vit{size}14_pretrain.pth",
                         url=f"{_DINOV2}/dinov2_vit{size}14/dinov2_vit{size}14_pretrain.pth",
-                        hub=f"vit_{full}_patch14_dinov2.lvd142m", model_kwargs={"img_size": 224})
+                        hub=f"vit_{full}_patch14_dinov2.lvd142m", pos_embed_rule="dinov2")
             for size, full in (("s", "small"), ("b", "base"), ("l", "large"), ("g", "giant"))
         ],
         *[
             TeacherSpec(name=f"dinov2_vit{size}14_reg", source="timm", arch=f"vit_{full}_patch14_reg4_dinov2",
                         resolution=224, ckpt_format="dinov2", filename=f"dinov2_vit{size}14_reg4_pretrain.pth",
                         url=f"{_DINOV2}/dinov2_vit{size}14/dinov2_vit{size}14_reg4_pretrain.pth",
-                        hub=f"vit_{full}_patch14_reg4_dinov2.lvd142m", model_kwargs={"img_size": 224})
+                        hub=f"vit_{full}_patch14_reg4_dinov2.lvd142m", pos_embed_rule="dinov2_reg")
             for size, full in (("s", "small"), ("b", "base"), ("l", "large"), ("g", "giant"))
         ],
         # CLIP family (OpenAI / open_clip state dicts with visual.* keys, or timm files)

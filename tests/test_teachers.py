@@ -191,3 +191,17 @@ def test_unknown_teacher_suggests_close_names():
         get_spec("dino_vitb61")
     with pytest.raises(ValueError, match="timm has no model"):
         get_spec("timm:not_a_model")
+
+
+@pytest.mark.parametrize("name, dim, patch, params_m", [
+    ("dinov2_vitg14", 1536, 14, 1134), ("dinov2_vitg14_reg", 1536, 14, 1134), ("metaclip_vith14", 1280, 14, 630),
+    ("dino_vitb16", 768, 16, 85), ("open_clip:ViT-B-16", 768, 16, 86),
+])
+def test_full_size_teacher_builds_on_meta_device(name, dim, patch, params_m):
+    """Preflight plans build full-size teacher architectures on the meta device to count parameters/FLOPs."""
+    with torch.device("meta"):
+        teacher, spec = build_teacher_model(get_spec(name), "random", "")
+    tensors = list(teacher.parameters()) + list(teacher.buffers())
+    assert tensors and all(t.is_meta for t in tensors)
+    assert (teacher.embed_dim, teacher.patch_size, spec.resolution) == (dim, patch, 224)
+    assert int(sum(p.numel() for p in teacher.parameters()) / 1e6) == params_m
