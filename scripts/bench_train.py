@@ -3,7 +3,7 @@
     python scripts/bench_train.py [--config F] [--warmup 5] [--steps 20] [key=value ...]
 
 Prints one JSON object: images/s, step time, peak memory and, on CUDA, achieved TFLOP/s, MFU and GPU
-utilisation. FLOPs are counted by ``torch.utils.flop_counter`` over one full training step: student
+utilisation, beside the preflight plan's FLOPs and memory estimate for the same configuration. FLOPs are counted by ``torch.utils.flop_counter`` over one full training step: student
 forward+backward, ladder, and every teacher forward.
 """
 
@@ -104,6 +104,9 @@ def main() -> None:
         "images_per_s": trainer.global_batch / step_time,
         "flops_per_step_per_device": flops_per_step,
         "achieved_tflops_per_device": flops_per_step / step_time / 1e12,
+        # the preflight plan's figures (unic.train.plan, what `main_unic.py --plan` prints) beside the measured ones
+        "plan_flops_per_step_per_device": trainer.plan["tflops_per_step_per_gpu"] * 1e12,
+        "plan_memory_estimate_gb": trainer.plan["memory_per_gpu"]["total_gb"],
     }
     if device.type == "cuda":
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30

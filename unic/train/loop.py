@@ -287,11 +287,11 @@ class Trainer:
         """The preflight plan (what ``main_unic.py --plan`` prints), logged and written as ``plan.json``."""
         from unic.train.plan import build_plan, format_plan, write_plan
 
-        plan = build_plan(self.cfg, self.world, len(self.train_set), self.device)
+        self.plan = build_plan(self.cfg, self.world, len(self.train_set), self.device)
         if self.rank == 0:
-            for line in format_plan(plan).splitlines():
+            for line in format_plan(self.plan).splitlines():
                 logger.info("plan: %s", line)
-            write_plan(plan, os.path.join(self.output_dir, "plan.json"))
+            write_plan(self.plan, os.path.join(self.output_dir, "plan.json"))
         self._log_state()
 
     def _on_sigterm(self, signum, frame) -> None:  # noqa: ARG002
