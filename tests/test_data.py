@@ -1,7 +1,10 @@
 """Datasets, demo generation, deterministic sampling and corrupt-image handling."""
 
 import json
+import math
 import os
+
+import numpy as np
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ from PIL import Image
 from unic.data.demo import DEMO_DOMAINS, ensure_demo_data
 from unic.data.folders import ImageListDataset, image_folder_dataset
 from unic.data.sampling import GlobalBatchSampler, ShardSampler
-from unic.data.transforms import eval_transform, unic_train_transform
+from unic.data.transforms import eval_transform, udon_train_transform, uned_eval_transform, unic_train_transform
 from unic.data.uned import read_info_file, uned_dataset
 
 
@@ -131,3 +134,62 @@ def test_domain_streams_get_workers_by_sampling_probability_and_keep_their_batch
     assert after[2] > after[0] and after[2] > after[1] and after[0] >= 1  # blobs now drawn most
     _, without_workers = run(num_workers=0)
     assert with_workers == without_workers
+
+
+def tf_bilinear_resize(image_HWC: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """TensorFlow's ``tf.image.resize(method=BILINEAR)`` (antialias=False: resize_bilinear with half-pixel
+    centres), written out: source coordinate (i + 0.5) * in / out - 0.5, neighbours floor / ceil clamped to
+    the image, weight = coordinate - floor(coordinate). Float output, no rounding."""
+    def taps(out_size, in_size):
+        rows = []
+        for i in range(out_size):
+            x = (i + 0.5) * in_size / out_size - 0.5
+            lo = math.floor(x)
+            rows.append((max(lo, 0), min(math.ceil(x), in_size - 1), x - lo))
+        return rows
+
+    img = image_HWC.astype(np.float64)
+    tmp = np.stack([img[lo] * (1 - t) + img[hi] * t for lo, hi, t in taps(out_h, img.shape[0])])
+    return np.stack([tmp[:, lo] * (1 - t) + tmp[:, hi] * t for lo, hi, t in taps(out_w, img.shape[1])], axis=1)
+
+
+def _normalised(x_HWC: np.ndarray, mean, std) -> np.ndarray:
+    return ((x_HWC / 255.0 - np.array(mean)) / np.array(std)).transpose(2, 0, 1)
+
+
+def test_udon_train_transform_is_udon_bilinear_resize_crop_flip():
+    from torchvision.transforms import InterpolationMode, RandomCrop, RandomHorizontalFlip, Resize
+
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    tf = udon_train_transform(32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    resize = next(t for t in tf.transforms if isinstance(t, Resize))
+    assert resize.interpolation == InterpolationMode.BILINEAR and resize.antialias is False
+    assert resize.size == (37, 37)  # 256 / 224 * 32, both sides (aspect ratio not kept)
+    assert [type(t) for t in tf.transforms[2:4]] == [RandomCrop, RandomHorizontalFlip]
+    expected = _normalised(tf_bilinear_resize(array, 37, 37), (0.5,) * 3, (0.5,) * 3)
+    out = tf(Image.fromarray(array)).double().numpy()
+    assert out.shape == (3, 32, 32)
+    windows = [expected[:, i:i + 32, j:j + 32] for i in range(6) for j in range(6)]
+    windows += [w[:, :, ::-1] for w in windows]
+    # some crop (maybe flipped) of TF's resize; float32 source coordinates in torch leave ~1e-4 differences
+    distances = sorted(np.abs(out - w).max() for w in windows)
+    assert distances[0] < 5e-4 and distances[1] > 0.1
+    # PIL's bilinear filter antialiases when shrinking 8x: clearly a different image
+    pil = np.asarray(Image.fromarray(array).resize((37, 37), Image.BILINEAR), dtype=np.float64)
+    assert np.abs(pil - tf_bilinear_resize(array, 37, 37)).mean() > 10
+
+
+def test_uned_eval_transform_is_udon_test_crop():
+    rng = np.random.default_rng(1)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    for h, w in ((50, 74), (74, 50), (40, 40), (20, 27)):
+        array = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        short, long = min(h, w), max(h, w)
+        new_long = int(long / short * 32)  # tf.cast truncates
+        new_h, new_w = (32, new_long) if h <= w else (new_long, 32)
+        resized = tf_bilinear_resize(array, new_h, new_w)
+        top, left = (new_h - 32) // 2, (new_w - 32) // 2  # 50x74: long side 47, offset 7 (torchvision: 8)
+        expected = _normalised(resized[top:top + 32, left:left + 32], mean, std)
+        out = uned_eval_transform(32, mean, std)(Image.fromarray(array)).double().numpy()
+        np.testing.assert_allclose(out, expected, atol=5e-4)

@@ -253,6 +253,37 @@ def test_factory_errors():
     assert build_margin_head("subcenter_arcface", D, C).k == 3
 
 
+@pytest.mark.parametrize("name", sorted(MARGIN_HEADS))
+def test_class_weights_start_as_udon_lecun_uniform(name: str):
+    """flax lecun_uniform on UDON's (D, C) kernel: fan_in = D, uniform on +-sqrt(3/D), std 1/sqrt(D)."""
+    torch.manual_seed(0)
+    dim, classes = 256, 2000
+    kw = {"class_counts": list(range(1, classes + 1))} if name == "dynm_arcface" else {}
+    head = build_margin_head(name, dim, classes, **kw)
+    w = head.weight.detach().double()
+    assert head.init == "lecun_uniform" and w.shape == (classes * head.k, dim)
+    bound = math.sqrt(3 / dim)
+    assert w.abs().max() <= bound and w.abs().max() > 0.999 * bound
+    assert w.std().item() == pytest.approx(1 / math.sqrt(dim), rel=0.01)  # 512k+ draws: ~0.1% noise
+    assert abs(w.mean().item()) < 1e-3
+    assert 1 / math.sqrt(dim) == pytest.approx(0.0625)
+
+
+def test_class_weight_init_option():
+    torch.manual_seed(0)
+    small = build_margin_head("arcface", 64, 3000, init="normal")
+    assert small.weight.std().item() == pytest.approx(0.01, rel=0.01)
+    udon = build_margin_head("arcface", 64, 3000, init="lecun_uniform")
+    assert udon.weight.std().item() == pytest.approx(1 / 8, rel=0.01)
+    assert udon.weight.abs().max().item() <= math.sqrt(3 / 64)
+    with pytest.raises(ValueError, match="lecun_uniform"):
+        build_margin_head("normface", D, C, init="xavier")
+    # reset_parameters redraws with the head's own scheme
+    before = small.weight.detach().clone()
+    small.reset_parameters()
+    assert not torch.equal(before, small.weight) and small.weight.std().item() == pytest.approx(0.01, rel=0.01)
+
+
 # ---- two gloo ranks against one process on the union of their data ----
 
 

@@ -16,7 +16,7 @@ from main_retrieval import main
 from tests.conftest import run_entry, tiny_overrides
 from tests.test_retrieval_metrics import brute_uned, label_set, random_labels
 from unic.data.folders import load_image
-from unic.data.transforms import eval_transform
+from unic.data.transforms import eval_transform, uned_eval_transform
 from unic.data.uned import read_info_file
 from unic.eval.encoders import load_encoder
 from unic.eval.knn import weighted_knn
@@ -240,8 +240,10 @@ def test_descriptor_file_errors(tmp_path, capsys, case):
 # end to end on the demo data
 
 
-def encode_images(encoder, paths, crop_ratio=1.0):
-    transform = eval_transform(encoder.img_size, crop_ratio, encoder.mean, encoder.std)
+def encode_images(encoder, paths, crop_ratio=None):
+    """The encoder on ``paths`` with UnED's evaluation crop, or the folder benchmarks' at ``crop_ratio``."""
+    transform = (uned_eval_transform(encoder.img_size, encoder.mean, encoder.std) if crop_ratio is None
+                 else eval_transform(encoder.img_size, crop_ratio, encoder.mean, encoder.std))
     with torch.no_grad():
         return encoder(torch.stack([transform(load_image(p)) for p in paths])).numpy()
 

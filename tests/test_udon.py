@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from tests.conftest import free_port, run_entry, tiny_overrides
-from unic.data.sampling import DomainBatchSampler, DomainSampler
+from unic.data.sampling import DomainBatchSampler, DomainSampler, udon_update_weights
 from unic.losses.udon import udon_loss
 from unic.models.heads import build_margin_head
 from unic.models.universal import DomainHeads
@@ -45,7 +45,52 @@ def test_udon_terms_match_direct_computation():
     assert out["ce_universal"].item() == pytest.approx(ce_u, rel=1e-5)
     assert out["kl"].item() == pytest.approx(kl, rel=1e-4, abs=1e-7)
     assert out["relational"].item() == pytest.approx(relational, rel=1e-5)
-    assert out["loss"].item() == pytest.approx(ce_t + ce_u + kl + relational, rel=1e-5)
+    # UDON's loss_function: sum_t w_t L_t / sum_t w_t with all four w_t = 1, i.e. the plain mean
+    assert out["loss"].item() == pytest.approx((ce_t + ce_u + kl + relational) / 4, rel=1e-5)
+
+
+def test_udon_loss_is_the_mean_of_its_terms_by_hand():
+    """Two samples, two classes, 2-D embeddings with cosines picked by hand (normface s=16, tau=0.1, c=32)."""
+    head_t, head_u = build_margin_head("normface", 2, 2), build_margin_head("normface", 2, 2)
+    for head in (head_t, head_u):
+        with torch.no_grad():
+            head.weight.copy_(torch.eye(2))
+    a = math.pi / 6  # teacher: sample 0 at angle pi/6 from class 0, sample 1 along class 1
+    teacher = torch.tensor([[math.cos(a), math.sin(a)], [0.0, 2.0]])
+    universal = torch.tensor([[1.0, 0.0], [1.0, 1.0]])  # unnormalised on purpose
+    labels = torch.tensor([0, 1])
+    out = udon_loss(teacher, universal, labels, head_t, head_u, temperature=0.1, relational_weight=32.0)
+    r2 = math.sqrt(0.5)
+    cos_t = [[math.cos(a), math.sin(a)], [0.0, 1.0]]
+    cos_u = [[1.0, 0.0], [r2, r2]]
+
+    def ce(row, y, s=16.0):
+        return -s * row[y] + math.log(sum(math.exp(s * c) for c in row))
+
+    def softmax(row, t=0.1):
+        z = [math.exp(c / t) for c in row]
+        return [v / sum(z) for v in z]
+
+    ce_t = (ce(cos_t[0], 0) + ce(cos_t[1], 1)) / 2
+    ce_u = (ce(cos_u[0], 0) + ce(cos_u[1], 1)) / 2
+    kl = sum(sum(p * math.log(p / q) for p, q in zip(softmax(rt), softmax(ru))) for rt, ru in zip(cos_t, cos_u)) / 2
+    # Gram matrices: teacher [[1, sin a], [sin a, 1]], universal [[1, r2], [r2, 1]]; diagonals agree
+    relational = 32.0 * 2 * (math.sin(a) - r2) ** 2 / 4
+    assert out["ce_teacher"].item() == pytest.approx(ce_t, rel=1e-5)
+    assert out["ce_universal"].item() == pytest.approx(ce_u, rel=1e-5)
+    assert out["kl"].item() == pytest.approx(kl, rel=1e-4)
+    assert out["relational"].item() == pytest.approx(relational, rel=1e-5)
+    assert out["loss"].item() == pytest.approx((ce_t + ce_u + kl + relational) / 4, rel=1e-5)
+    assert relational == pytest.approx(16 * (0.5 - r2) ** 2)  # 0.6863
+
+
+def test_domain_heads_classifiers_start_as_udon_lecun_uniform():
+    torch.manual_seed(0)
+    heads = DomainHeads(64, {"a": 3000}, 256, 64)
+    for cls, dim in ((heads.teacher_classifiers["a"], 256), (heads.universal_classifiers["a"], 64)):
+        assert cls.init == "lecun_uniform"
+        assert cls.weight.std().item() == pytest.approx(dim ** -0.5, rel=0.01)
+        assert cls.weight.abs().max().item() <= math.sqrt(3 / dim)
 
 
 def test_no_gradient_reaches_the_teacher_side_from_kl_and_relational():
@@ -85,6 +130,25 @@ def test_sampler_strategies_marginals():
     assert [rr.next_domain() for _ in range(7)] == [0, 1, 2, 0, 1, 2, 0]
 
 
+def reference_update_weights(weights: dict, window: dict, names: list) -> dict:
+    """Independent re-implementation of ``Sampler.update_ds_indices`` (UDON ``sampling_utils.py``), weights only.
+
+    ``window``: domain -> list of (summed per-example teacher CE, number of examples) of the steps it was
+    drawn in since the metrics were last cleared (only drawn domains appear). The window mean of each drawn
+    domain, divided by the sum of those means, becomes its weight; if some domain did not appear, all
+    weights (the untouched old ones included) are divided by their new sum.
+    """
+    weights = dict(weights)
+    means = {d: sum(l for l, _ in steps) / sum(n for _, n in steps) for d, steps in window.items()}
+    total = sum(means.values())
+    for d, m in means.items():
+        weights[d] = m / total
+    if len(window) != len(names):
+        total = sum(weights.values())
+        weights = {d: w / total for d, w in weights.items()}
+    return weights
+
+
 def test_dynamic_update_follows_mean_teacher_ce_in_a_fixed_window():
     sampler = DomainSampler([10, 10, 10, 10], "dynamic", update_every=4, seed=0)
     first = [sampler.next_domain() for _ in range(4)]
@@ -93,16 +157,89 @@ def test_dynamic_update_follows_mean_teacher_ce_in_a_fixed_window():
         sampler.record(d, torch.tensor(ce))
     assert sampler.maybe_update()
     np.testing.assert_allclose(sampler.probs.numpy(), [0.1, 0.2, 0.3, 0.4])
-    # next window: only domains 0 and 3 drawn (forced), the others keep their p
+    # next window: only domains 0 and 3 drawn (forced); they share a mass of 1, then everything is renormalised
     sampler.step += 4
     sampler.record(0, torch.tensor(3.0))
     sampler.record(0, torch.tensor(1.0))  # mean 2.0
     sampler.record(3, torch.tensor(6.0))
     assert sampler.maybe_update()
-    free = 1 - 0.2 - 0.3
-    np.testing.assert_allclose(sampler.probs.numpy(), [free * 2 / 8, 0.2, 0.3, free * 6 / 8])
+    np.testing.assert_allclose(sampler.probs.numpy(), np.array([2 / 8, 0.2, 0.3, 6 / 8]) / 1.5)
     # the window is fixed: it was emptied
     assert sampler.window_count.sum() == 0
+
+
+def test_unseen_domain_renormalisation_matches_udon_three_domain_example():
+    """p = (0.1, 0.45, 0.45), domain 0 not drawn, equal losses: UDON gives 0.1 / 1.1 = 0.0909 (not 0.1)."""
+    sampler = DomainSampler([5, 5, 5], "dynamic", update_every=10)
+    sampler.probs = torch.tensor([0.1, 0.45, 0.45], dtype=torch.float64)
+    sampler.updated, sampler.step = True, 10
+    for d in (1, 2, 1, 2):
+        sampler.record(d, torch.tensor(2.0))
+    assert sampler.maybe_update()
+    np.testing.assert_allclose(sampler.probs.numpy(), [0.1 / 1.1, 0.5 / 1.1, 0.5 / 1.1], rtol=1e-12)
+    assert sampler.probs[0].item() == pytest.approx(0.0909, abs=1e-4)
+    ref = reference_update_weights({"a": 0.1, "b": 0.45, "c": 0.45}, {"b": [(2.0, 1)] * 2, "c": [(2.0, 1)] * 2},
+                                   ["a", "b", "c"])
+    np.testing.assert_allclose(sampler.probs.numpy(), [ref["a"], ref["b"], ref["c"]], rtol=1e-12)
+
+
+def test_udon_update_weights_against_the_reference_on_random_windows():
+    rng = np.random.default_rng(0)
+    names = ["a", "b", "c", "d", "e"]
+    probs = torch.full((5,), 0.2, dtype=torch.float64)
+    ref = dict.fromkeys(names, 0.2)
+    unseen_windows = 0
+    for _ in range(40):
+        seen = rng.random(5) < 0.6
+        window = {n: [(float(rng.uniform(0.1, 5.0)) * 32, 32) for _ in range(rng.integers(1, 4))]
+                  for n, s in zip(names, seen) if s}
+        sums = torch.tensor([sum(l / n for l, n in window.get(d, [])) for d in names], dtype=torch.float64)
+        counts = torch.tensor([len(window.get(d, [])) for d in names], dtype=torch.float64)
+        probs = udon_update_weights(probs, sums, counts)
+        ref = reference_update_weights(ref, window, names)
+        np.testing.assert_allclose(probs.numpy(), [ref[n] for n in names], rtol=1e-12)
+        assert probs.sum().item() == pytest.approx(1.0)
+        unseen_windows += 0 < len(window) < 5
+    assert unseen_windows > 10
+    # an empty window leaves the weights as they are (UDON: nothing to set, renormalising a distribution)
+    torch.testing.assert_close(udon_update_weights(probs, torch.zeros(5), torch.zeros(5)), probs)
+
+
+def _reference_trainer_weights(draws, losses, names, update_every, reset_every):
+    """UDON's trainer loop (``classification_with_knn_eval_trainer.py``) around the sampler: before step s
+    (1-based) with s % update_every == 0 the weights are updated from the metrics collected so far; after
+    step s its metrics are appended, and they are cleared at the training summary, after step 1 (chrono
+    warm-up) and every step with s % log_summary_steps == 1. Returns the weights after each update."""
+    weights, metrics, history = dict.fromkeys(names, 1 / len(names)), {}, []
+    for s, (d, loss) in enumerate(zip(draws, losses), start=1):
+        if s % update_every == 0:
+            weights = reference_update_weights(weights, metrics, names)
+            history.append([weights[n] for n in names])
+        metrics.setdefault(names[d], []).append((loss, 1))
+        if s % reset_every == 1 or s == 1:
+            metrics = {}
+    return history
+
+
+def test_reference_window_option_reproduces_udon_bookkeeping():
+    names = ["a", "b", "c"]
+    sampler = DomainSampler([5, 5, 5], "dynamic", update_every=7, seed=2, window_reset_every=5)
+    draws, losses, ours = [], [], []
+    for s in range(1, 60):
+        d = sampler.next_domain()
+        loss = float(d + 1) * (1 + 0.1 * (s % 3))
+        draws.append(d)
+        losses.append(loss)
+        sampler.record(d, torch.tensor(loss, dtype=torch.float64))
+        if sampler.maybe_update():
+            assert (s + 1) % 7 == 0  # made for the next step, which is a multiple of update_every
+            ours.append(sampler.probs.tolist())
+    draws.append(0)  # the loop reads one more step to make the update due before it
+    losses.append(0.0)
+    ref = _reference_trainer_weights(draws, losses, names, 7, 5)
+    assert len(ours) == len(ref) == 8
+    np.testing.assert_allclose(ours, ref, rtol=1e-12)
+    assert draws[:6] == [0, 1, 2, 0, 1, 2]  # round-robin until the first update
 
 
 def test_sampler_state_round_trip():

@@ -79,6 +79,7 @@ class HeadsConfig:
     m_max: Optional[float] = None
     h: Optional[float] = None  # adaface
     alpha: Optional[float] = None  # adaface
+    init: Optional[str] = None  # class weights: lecun_uniform (UDON's, the default) | normal (N(0, 0.01), insightface)
 
 
 @dataclass(kw_only=True)
@@ -96,6 +97,9 @@ class UdonConfig:
     freeze_backbone_epochs: float = 0.0  # backbone not updated for this many epochs (UDON: 2)
     sampling: str = "dynamic"  # dynamic | round_robin | size | uniform
     update_every: int = 20  # steps between dynamic probability updates (UDON: 1000)
+    # 0: the window of a dynamic update is the steps since the last one; L > 0: UDON's own bookkeeping, the
+    # window emptied every L steps (UDON: steps per epoch // 10), independently of the updates
+    window_reset_every: int = 0
 
 
 @dataclass(kw_only=True)
@@ -223,7 +227,7 @@ def _validate(cfg: DictConfig) -> None:
             raise ConfigError(f"invalid value for '{key}': must be > 0, got {OmegaConf.select(cfg, key)}")
     non_negative = [
         "data.num_workers", "optim.warmup_epochs", "optim.lr", "optim.min_lr", "optim.weight_decay",
-        "optim.clip_grad", "train.save_every", "train.max_steps", "train.keep_checkpoints", "data.worker_timeout_s",
+        "optim.clip_grad", "udon.window_reset_every", "train.save_every", "train.max_steps", "train.keep_checkpoints", "data.worker_timeout_s",
         "student.drop_path",
     ]
     for key in non_negative:

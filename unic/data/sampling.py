@@ -100,16 +100,28 @@ class DomainSampler:
     """Draws one domain per step, the same on every rank (seeded generator, all-reduced losses).
 
     Strategies: ``round_robin``; ``size`` (p proportional to train-set size); ``uniform``; ``dynamic``
-    (UDON): round-robin until the first update, then every ``update_every`` steps p_d is set proportional
-    to the mean teacher CE of domain d over the steps since the last update (a fixed window); domains not
-    drawn in that window keep their previous p and the drawn ones share the remaining mass.
+    (UDON): round-robin until the first update, then every ``update_every`` steps the sampling weights are
+    re-estimated from the mean teacher CE of each domain over a window of past steps, exactly as
+    ``Sampler.update_ds_indices`` in UDON's ``sampling_utils.py`` (see :func:`udon_update_weights`): the
+    domains drawn in the window get p_d = CE_d / sum of their CEs, the others keep their previous p, and if
+    any was not drawn every p is divided by the new total.
+
+    The window is ``window_reset_every=0`` (default): the steps since the last update (a fixed window,
+    emptied at each update; the update follows step ``n * update_every`` and applies from the next step).
+    ``window_reset_every=L > 0`` reproduces UDON's own bookkeeping, where the window is whatever its training
+    summary has accumulated: the statistics are emptied after step 1 and after every (1-based) step s with
+    s % L == 1, not at updates (UDON: L = steps per epoch // 10), and the update is made before each step s
+    with s % update_every == 0 from the steps before it.
     Losses are accumulated on ``device`` without host synchronisation and reduced over ranks at updates.
     """
 
     def __init__(self, sizes: list[int], strategy: str = "dynamic", update_every: int = 1000, seed: int = 0,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", window_reset_every: int = 0):
+        if window_reset_every < 0:
+            raise ValueError(f"window_reset_every must be >= 0, got {window_reset_every}")
         self.num_domains = len(sizes)
         self.strategy, self.update_every = strategy, update_every
+        self.window_reset_every = window_reset_every
         self.generator = torch.Generator().manual_seed(seed * _SEED_MULT + 7)
         if strategy == "size":
             self.probs = torch.tensor(sizes, dtype=torch.float64) / float(sum(sizes))
@@ -133,22 +145,27 @@ class DomainSampler:
         self.window_sum[domain] += teacher_ce.detach().to(self.window_sum)
         self.window_count[domain] += 1
 
+    def _clear_window(self) -> None:
+        self.window_sum.zero_()
+        self.window_count.zero_()
+
     def maybe_update(self) -> bool:
-        """At the end of a window (every rank at the same step), apply the dynamic update."""
-        if self.strategy != "dynamic" or self.step % self.update_every:
+        """Called once after every step (every rank at the same step): apply the dynamic update when due."""
+        if self.strategy != "dynamic":
+            return False
+        reference_window = self.window_reset_every > 0
+        if reference_window and (self.step % self.window_reset_every == 1 or self.step == 1):
+            self._clear_window()  # UDON empties its summary after step 1 and after (1-based) steps s % L == 1
+        due_after = self.step + 1 if reference_window else self.step  # UDON: before step s, s % update_every == 0
+        if due_after % self.update_every:
             return False
         from unic import distributed
 
         sums = distributed.all_reduce_mean(self.window_sum.clone()).cpu()
-        seen = self.window_count > 0
-        if seen.any():
-            mean_ce = torch.where(seen, sums / self.window_count.clamp_min(1), torch.zeros_like(sums)).clamp_min(1e-12)
-            free_mass = 1.0 - float(self.probs[~seen].sum())
-            self.probs = torch.where(seen, mean_ce * seen / (mean_ce * seen).sum() * free_mass, self.probs)
-            self.probs = self.probs / self.probs.sum()
+        self.probs = udon_update_weights(self.probs, sums, self.window_count)
         self.updated = True
-        self.window_sum.zero_()
-        self.window_count.zero_()
+        if not reference_window:
+            self._clear_window()
         return True
 
     def state_dict(self) -> dict:
@@ -161,3 +178,22 @@ class DomainSampler:
         self.window_sum.copy_(state["window_sum"])
         self.window_count = state["window_count"].clone()
         self.generator.set_state(state["generator"])
+
+
+def udon_update_weights(probs: torch.Tensor, loss_sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """UDON's dynamic re-weighting (``sampling_utils.py``, ``Sampler.update_ds_indices``).
+
+    Domains seen in the window (count > 0) get their mean loss divided by the sum of the seen domains' mean
+    losses, so together they hold a mass of 1; unseen domains keep their previous weight; when some domain
+    was unseen, all weights are then divided by their total. E.g. p = (0.1, 0.45, 0.45) with only domains
+    1 and 2 seen, equal losses: (0.1, 0.5, 0.5) / 1.1 = (0.0909, 0.4545, 0.4545). An empty window leaves p
+    unchanged. Mean losses are floored at 1e-12 so a zero loss cannot divide by zero.
+    """
+    seen = counts > 0
+    if not seen.any():
+        return probs.clone()
+    mean_loss = (loss_sums.double() / counts.double().clamp_min(1)).clamp_min(1e-12)
+    new = torch.where(seen, mean_loss / mean_loss[seen].sum(), probs.double())
+    if not seen.all():
+        new = new / new.sum()
+    return new

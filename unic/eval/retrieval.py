@@ -705,7 +705,7 @@ def _resolve_data_root(cfg: EvalConfig, data: str) -> str:
 
 
 def _plan_from_images(cfg: EvalConfig, device: torch.device) -> Plan:
-    from unic.data.transforms import eval_transform
+    from unic.data.transforms import eval_transform, uned_eval_transform
     from unic.data.uned import list_domains
 
     source = cfg.checkpoint or DEMO_CHECKPOINT
@@ -748,7 +748,10 @@ def _plan_from_images(cfg: EvalConfig, device: torch.device) -> Plan:
     encoder = next(iter(encoders.values()))
     img_size = cfg.img_size or encoder.img_size
     crop_ratio = cfg.crop_ratio or (1.0 if data in ("demo", "uned") else 0.875)
-    transform = eval_transform(img_size, crop_ratio, encoder.mean, encoder.std)
+    if data in ("demo", "uned") and crop_ratio == 1.0:  # UnED: UDON's bilinear short-side resize, centre crop
+        transform = uned_eval_transform(img_size, encoder.mean, encoder.std)
+    else:
+        transform = eval_transform(img_size, crop_ratio, encoder.mean, encoder.std)
     if data in ("demo", "uned"):
         sets = uned_image_sets(root, pairs, transform)
     elif data == "folder":

@@ -17,7 +17,10 @@ def udon_loss(
     temperature: float = 0.1,
     relational_weight: float = 32.0,
 ) -> dict[str, torch.Tensor]:
-    """CE(teacher) + CE(universal) + KL(p_T || p_S) + relational MSE, all weights 1.
+    """Mean of the four terms CE(teacher), CE(universal), KL(p_T || p_S) and relational MSE (all weights 1).
+
+    UDON (``udon_model.py``, ``loss_function``) returns ``sum_t w_t * L_t / sum_t w_t`` with every w_t = 1, i.e.
+    the plain mean of the four terms; the returned parts are the unweighted terms themselves.
 
     ``*_raw`` are the unnormalised projections (margin heads normalise them; AdaFace reads their norms).
     The teacher side of the KL and relational terms is detached: no gradient reaches a teacher head from
@@ -35,5 +38,5 @@ def udon_loss(
         e_teacher = F.normalize(teacher_raw_BD.detach().float(), dim=-1)
         e_universal = F.normalize(universal_raw_BE.float(), dim=-1)
         relational = relational_weight * (e_teacher @ e_teacher.T - e_universal @ e_universal.T).square().mean()
-    loss = ce_teacher + ce_universal + kl + relational
+    loss = (ce_teacher + ce_universal + kl + relational) / 4
     return {"loss": loss, "ce_teacher": ce_teacher, "ce_universal": ce_universal, "kl": kl, "relational": relational}

@@ -67,20 +67,44 @@ def _global_sums(*values: torch.Tensor | float, device: torch.device) -> torch.T
     return distributed.all_reduce_sum(stacked)
 
 
+WEIGHT_INITS = ("lecun_uniform", "normal")
+
+
+def init_class_weights_(weight: torch.Tensor, init: str = "lecun_uniform") -> torch.Tensor:
+    """Initialise class weights (C*k, D) in place.
+
+    ``lecun_uniform`` (default): UDON's flax ``nn.initializers.lecun_uniform()`` on its (D, C) Dense kernel,
+    i.e. fan_in = D: uniform on +-sqrt(3/D), std 1/sqrt(D). ``normal``: N(0, 0.01), the insightface / Unicom
+    convention. Only the direction of each row enters the cosine, but the scale sets the effective angular
+    step of Adam (about lr / |w_ij| per step), so the two are not interchangeable.
+    """
+    if init == "lecun_uniform":
+        bound = math.sqrt(3.0 / weight.shape[1])
+        return nn.init.uniform_(weight, -bound, bound)
+    if init == "normal":
+        return nn.init.normal_(weight, std=0.01)
+    raise ValueError(f"unknown class-weight init {init!r}; choose one of {list(WEIGHT_INITS)}")
+
+
 class MarginHead(nn.Module, abc.ABC):
     """Base head: class weights (C*k, D) and the float32 cosine to each class (max over its k sub-centres).
 
-    Weights start as N(0, 0.01): only their direction matters, and a small isotropic init gives near
-    orthogonal class directions in high dimension. Subclasses implement ``_logits(cos, labels, embeddings)``.
+    Weights start as UDON's ``lecun_uniform`` (``init``, see :func:`init_class_weights_`). Subclasses
+    implement ``_logits(cos, labels, embeddings)``.
     """
 
-    def __init__(self, embed_dim: int, num_classes: int, s: float, k: int = 1) -> None:
+    def __init__(self, embed_dim: int, num_classes: int, s: float, k: int = 1, init: str = "lecun_uniform") -> None:
         super().__init__()
         if k < 1:
             raise ValueError(f"number of sub-centres k must be >= 1, got {k}")
-        self.embed_dim, self.num_classes, self.k, self.s = embed_dim, num_classes, k, s
+        if init not in WEIGHT_INITS:
+            raise ValueError(f"unknown class-weight init {init!r}; choose one of {list(WEIGHT_INITS)}")
+        self.embed_dim, self.num_classes, self.k, self.s, self.init = embed_dim, num_classes, k, s, init
         self.weight = nn.Parameter(torch.empty(num_classes * k, embed_dim))
-        nn.init.normal_(self.weight, std=0.01)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        init_class_weights_(self.weight.data, self.init)
 
     def cosine(self, embeddings_BD: torch.Tensor) -> torch.Tensor:
         """cos(e, W_c) in float32, rows c*k..c*k+k-1 of W are class c's sub-centres (max taken)."""
@@ -110,14 +134,15 @@ class MarginHead(nn.Module, abc.ABC):
         return cos_BC.scatter(1, labels_B[:, None], target_B[:, None])
 
     def extra_repr(self) -> str:
-        return f"embed_dim={self.embed_dim}, num_classes={self.num_classes}, k={self.k}, s={self.s}"
+        return f"embed_dim={self.embed_dim}, num_classes={self.num_classes}, k={self.k}, s={self.s}, init={self.init}"
 
 
 class NormFace(MarginHead):
     """s * cos, no margin."""
 
-    def __init__(self, embed_dim: int, num_classes: int, *, s: float = 16.0, k: int = 1) -> None:
-        super().__init__(embed_dim, num_classes, s, k)
+    def __init__(self, embed_dim: int, num_classes: int, *, s: float = 16.0, k: int = 1,
+                 init: str = "lecun_uniform") -> None:
+        super().__init__(embed_dim, num_classes, s, k, init)
 
     def _logits(self, cos_BC, labels_B, embeddings_BD):
         return self.s * cos_BC
@@ -126,8 +151,9 @@ class NormFace(MarginHead):
 class CosFace(MarginHead):
     """Additive cosine margin: target s*(cos_y - m)."""
 
-    def __init__(self, embed_dim: int, num_classes: int, *, s: float = 30.0, m: float = 0.35, k: int = 1) -> None:
-        super().__init__(embed_dim, num_classes, s, k)
+    def __init__(self, embed_dim: int, num_classes: int, *, s: float = 30.0, m: float = 0.35, k: int = 1,
+                 init: str = "lecun_uniform") -> None:
+        super().__init__(embed_dim, num_classes, s, k, init)
         self.m = m
 
     def _logits(self, cos_BC, labels_B, embeddings_BD):
@@ -147,8 +173,9 @@ class ArcFace(MarginHead):
         m: float = 0.5,
         easy_margin: bool = False,
         k: int = 1,
+        init: str = "lecun_uniform",
     ) -> None:
-        super().__init__(embed_dim, num_classes, s, k)
+        super().__init__(embed_dim, num_classes, s, k, init)
         self.m, self.easy_margin = m, easy_margin
 
     def margins(self, labels_B: torch.Tensor) -> torch.Tensor | float:
@@ -172,8 +199,9 @@ class SubCenterArcFace(ArcFace):
         m: float = 0.5,
         easy_margin: bool = False,
         k: int = 3,
+        init: str = "lecun_uniform",
     ) -> None:
-        super().__init__(embed_dim, num_classes, s=s, m=m, easy_margin=easy_margin, k=k)
+        super().__init__(embed_dim, num_classes, s=s, m=m, easy_margin=easy_margin, k=k, init=init)
 
 
 class DynMArcFace(ArcFace):
@@ -190,8 +218,9 @@ class DynMArcFace(ArcFace):
         m_max: float = 0.5,
         easy_margin: bool = False,
         k: int = 1,
+        init: str = "lecun_uniform",
     ) -> None:
-        super().__init__(embed_dim, num_classes, s=s, m=m_max, easy_margin=easy_margin, k=k)
+        super().__init__(embed_dim, num_classes, s=s, m=m_max, easy_margin=easy_margin, k=k, init=init)
         if class_counts is None:
             raise ValueError("dynm_arcface needs class_counts (one count per class)")
         counts = torch.as_tensor(class_counts, dtype=torch.float32).flatten()
@@ -213,10 +242,10 @@ class AdaCos(MarginHead):
     ranks; the median target angle is the true median of the gathered global batch.
     """
 
-    def __init__(self, embed_dim: int, num_classes: int, *, k: int = 1) -> None:
+    def __init__(self, embed_dim: int, num_classes: int, *, k: int = 1, init: str = "lecun_uniform") -> None:
         if num_classes < 3:
             raise ValueError(f"adacos needs num_classes >= 3 (s0 = sqrt(2)*log(C-1)), got {num_classes}")
-        super().__init__(embed_dim, num_classes, math.sqrt(2) * math.log(num_classes - 1), k)
+        super().__init__(embed_dim, num_classes, math.sqrt(2) * math.log(num_classes - 1), k, init)
         self.register_buffer("scale", torch.tensor(self.s, dtype=torch.float32))
 
     @torch.no_grad()
@@ -238,14 +267,16 @@ class AdaCos(MarginHead):
         return self.scale * cos_BC
 
     def extra_repr(self) -> str:
-        return f"embed_dim={self.embed_dim}, num_classes={self.num_classes}, k={self.k}, s0={self.s:.4f}"
+        return (f"embed_dim={self.embed_dim}, num_classes={self.num_classes}, k={self.k}, s0={self.s:.4f}, "
+                f"init={self.init}")
 
 
 class LiArcFace(MarginHead):
     """Linear-in-angle logits s*(pi - 2*(theta + m*[j=y]))/pi for every class."""
 
-    def __init__(self, embed_dim: int, num_classes: int, *, s: float = 64.0, m: float = 0.45, k: int = 1) -> None:
-        super().__init__(embed_dim, num_classes, s, k)
+    def __init__(self, embed_dim: int, num_classes: int, *, s: float = 64.0, m: float = 0.45, k: int = 1,
+                 init: str = "lecun_uniform") -> None:
+        super().__init__(embed_dim, num_classes, s, k, init)
         self.m = m
 
     def _logits(self, cos_BC, labels_B, embeddings_BD):
@@ -258,8 +289,9 @@ class LiArcFace(MarginHead):
 class CurricularFace(MarginHead):
     """ArcFace target; hard non-targets (cos > cos(theta_y + m)) become cos*(t + cos), t an EMA of mean cos_y."""
 
-    def __init__(self, embed_dim: int, num_classes: int, *, s: float = 64.0, m: float = 0.5, k: int = 1) -> None:
-        super().__init__(embed_dim, num_classes, s, k)
+    def __init__(self, embed_dim: int, num_classes: int, *, s: float = 64.0, m: float = 0.5, k: int = 1,
+                 init: str = "lecun_uniform") -> None:
+        super().__init__(embed_dim, num_classes, s, k, init)
         self.m = m
         self.register_buffer("t", torch.zeros(()))
 
@@ -293,8 +325,9 @@ class AdaFace(MarginHead):
         eps: float = 1e-3,
         alpha: float = 1.0,
         k: int = 1,
+        init: str = "lecun_uniform",
     ) -> None:
-        super().__init__(embed_dim, num_classes, s, k)
+        super().__init__(embed_dim, num_classes, s, k, init)
         self.m, self.h, self.eps, self.alpha = m, h, eps, alpha
         self.register_buffer("batch_mean", torch.tensor(20.0))
         self.register_buffer("batch_std", torch.tensor(100.0))

@@ -21,7 +21,13 @@ logger = logging.getLogger(__name__)
 
 
 class DomainHeads(nn.Module):
-    """For each domain d: teacher head Linear(D, 256) with classifier W^T_d and universal classifier W^U_d."""
+    """For each domain d: teacher head Linear(D, 256) with classifier W^T_d and universal classifier W^U_d.
+
+    Classifiers start as UDON's ``lecun_uniform`` (the margin heads' default, std 1/sqrt of their input
+    dimension). The teacher heads keep torch's ``Linear`` init (U(+-1/sqrt(D)) weights and bias) rather than
+    UDON's flax ``Dense`` (lecun_normal kernel, zero bias): on the demo the flax init cut the trained
+    universal R@1 from about 0.5 to about 0.2 (3 seeds), so it is left as a documented deviation.
+    """
 
     def __init__(self, embed_dim: int, num_classes: dict[str, int], teacher_dim: int = 256,
                  universal_dim: int = 64, head_name: str = "normface", head_kwargs: dict | None = None,

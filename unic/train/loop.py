@@ -23,7 +23,7 @@ from unic.data.demo import ensure_demo_data
 from unic.data.folders import ImageListDataset, image_folder_dataset
 from unic.config import head_options
 from unic.data.sampling import DomainSampler, GlobalBatchSampler
-from unic.data.transforms import eval_transform, udon_train_transform, unic_train_transform
+from unic.data.transforms import eval_transform, udon_train_transform, uned_eval_transform, unic_train_transform
 from unic.data.uned import uned_dataset
 from unic.eval.features import extract_features
 from unic.models.ladder import Ladder, UnicModel
@@ -82,7 +82,8 @@ def build_datasets(cfg: DictConfig, udon: bool) -> tuple[ImageListDataset, Image
     data, size = cfg.data, cfg.student.img_size
     norm = {"mean": tuple(cfg.student.mean), "std": tuple(cfg.student.std)}
     train_tf = udon_train_transform(size, **norm) if udon else unic_train_transform(size, **norm)
-    val_tf = eval_transform(size, crop_ratio=0.875 if data.dataset == "imagenet" else 1.0, **norm)
+    # ImageNet: the 0.875 centre crop; UnED-layout data: UDON's short-side resize and centre crop
+    val_tf = eval_transform(size, crop_ratio=0.875, **norm) if data.dataset == "imagenet" else uned_eval_transform(size, **norm)
     root = os.path.expanduser(data.root)
     if data.dataset == "demo":
         if distributed.is_main_process():
@@ -221,7 +222,7 @@ class Trainer:
                                       "or drop the domain")
             self.domain_sampler = DomainSampler(
                 [sum(1 for _, _, d in self.train_set.samples if d == i) for i in range(len(self.domains))],
-                cfg.udon.sampling, cfg.udon.update_every, cfg.train.seed, self.device,
+                cfg.udon.sampling, cfg.udon.update_every, cfg.train.seed, self.device, cfg.udon.window_reset_every,
             )
             self.batches = DomainBatches(self.train_set, self.global_batch, self.rank, self.world, cfg.train.seed,
                                          self.domain_sampler, cfg.data.num_workers, pin, cfg.data.worker_timeout_s)
