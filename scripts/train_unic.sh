@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Launch UNIC training with torchrun.
-#   N_GPUS=8 OUTPUT_DIR=output/unic_b16 CONFIG=unic/configs/unic_vitb16_in1k.yaml \
+#   N_GPUS=4 OUTPUT_DIR=output/unic_b16 CONFIG=unic/configs/unic_vitb16_in1k.yaml \
 #       bash scripts/train_unic.sh data.root=/imagenet teachers.weights_dir=/ckpts
 # Extra arguments are passed through as key=value overrides.
 set -euo pipefail
