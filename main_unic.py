@@ -14,7 +14,7 @@ import sys
 
 from teachers import CheckpointFormatError, TeacherWeightsError
 from unic import distributed
-from unic.config import DEMO_CONFIG, ConfigError, load_config
+from unic.config import DEMO_CONFIG, ConfigError, load_config, objectives
 from unic.data.uned import DataFormatError
 from unic.train.checkpoint import CheckpointWriteError
 
@@ -40,15 +40,14 @@ def run_plan(cfg, world_size: int | None) -> None:
 
     from unic.train.plan import build_plan, format_plan, write_plan
 
-    world = world_size or int(os.environ.get("WORLD_SIZE", 1))
+    world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
     if world < 1:
         raise ConfigError(f"--world_size must be >= 1, got {world}")
     num_images = None
     if os.path.isdir(os.path.expanduser(cfg.data.root)):
         from unic.train.loop import build_datasets
 
-        udon = cfg.udon.enabled and cfg.loss.w_udon > 0
-        num_images = len(build_datasets(cfg, udon)[0])
+        num_images = len(build_datasets(cfg, objectives(cfg)[1])[0])
     plan = build_plan(cfg, world, num_images)
     path = os.path.join(os.path.abspath(os.path.expanduser(cfg.train.output_dir)), "plan.json")
     write_plan(plan, path)

@@ -398,6 +398,10 @@ def malformed_invocations(ctx) -> Outcome:
         ([f"student.pretrained={wrong_arch}"], "does not match"),
         (["student.pretrained=/nowhere/s.pth"], "not found"),
         (["student.img_size=30"], "multiple of the patch size"),
+        (["data.global_batch=0"], "must be > 0"),
+        (["ladder.last_tap=final"], "choose one of"),
+        (["optim.clip_mode=norm"], "choose one of"),
+        (["heads.init=zeros"], "heads.init"),
         (["data.batch_size_per_gpu=500"], "fewer than one global batch"),
         ([f"data.root={escape_root}", "data.dataset=uned", "data.domains=[x]", "udon.enabled=false"], "escapes"),
     ]

@@ -76,12 +76,32 @@ def test_entry_point_fails_cleanly_before_creating_output(tmp_path, demo_root, e
     assert not out.exists()
 
 
-def test_checkpoints_from_before_student_normalisation_still_resume():
+def test_checkpoints_from_before_later_settings_still_resume():
+    """A checkpoint's config lacks every setting added after it was written; each was added with a default
+    that keeps the old behaviour, so it resumes, and a real change is still refused."""
     from unic.config import resume_mismatches, to_plain
 
     cfg = load_config(DEMO_CONFIG)
     saved = to_plain(cfg)
-    del saved["student"]["mean"], saved["student"]["std"]  # as written before the keys existed
+    # as written before student.mean/std, ladder.last_tap, data.global_batch, optim.clip_mode, heads.init and
+    # udon.window_reset_every existed
+    del saved["student"]["mean"], saved["student"]["std"], saved["ladder"]["last_tap"], saved["data"]["global_batch"]
+    del saved["optim"]["clip_mode"], saved["heads"]["init"], saved["udon"]["window_reset_every"]
     assert resume_mismatches(saved, cfg) == []
     clip = load_config(DEMO_CONFIG, ["student.mean=[0.48,0.46,0.41]"])
     assert resume_mismatches(saved, clip) and "student" in resume_mismatches(saved, clip)[0]
+    raw = load_config(DEMO_CONFIG, ["ladder.last_tap=raw"])
+    assert any(d.startswith("ladder") for d in resume_mismatches(saved, raw))
+    # the free-form student.kwargs is compared as saved, not filled from the schema's default
+    saved["student"]["kwargs"] = {}
+    assert any(d.startswith("student") for d in resume_mismatches(saved, cfg))
+
+
+def test_resume_compares_the_effective_global_batch():
+    from unic.config import resume_mismatches, to_plain
+
+    old = load_config(DEMO_CONFIG, ["data.batch_size_per_gpu=8"])  # 8 per GPU on 4 GPUs: global 32
+    new = load_config(DEMO_CONFIG, ["data.global_batch=32", "data.batch_size_per_gpu=100"])  # the latter ignored
+    assert resume_mismatches(to_plain(old), new, saved_world=4, world=4) == []
+    diffs = resume_mismatches(to_plain(old), new, saved_world=2, world=4)
+    assert diffs == ["global batch: checkpoint 16, now 32"]

@@ -13,6 +13,7 @@ a message naming the key (and the closest valid key).
 from __future__ import annotations
 
 import difflib
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -255,12 +256,14 @@ def _validate(cfg: DictConfig) -> None:
                 "udon.freeze_backbone_epochs", "udon.head_weight_decay"):
         if OmegaConf.select(cfg, key) < 0:
             raise ConfigError(f"invalid value for '{key}': must be >= 0, got {OmegaConf.select(cfg, key)}")
-    distill = cfg.loss.w_distill > 0
-    udon = cfg.udon.enabled and cfg.loss.w_udon > 0
+    distill, udon = objectives(cfg)
     if not distill and not udon:
         raise ConfigError("nothing to train: loss.w_distill is 0 and UDON is off (udon.enabled / loss.w_udon)")
     if udon:
-        from unic.models.heads import MARGIN_HEADS, head_kwargs
+        from unic.models.heads import MARGIN_HEADS, WEIGHT_INITS, head_kwargs
+
+        if cfg.heads.init is not None and cfg.heads.init not in WEIGHT_INITS:
+            raise ConfigError(f"invalid value for 'heads.init': {cfg.heads.init!r}; choose one of {', '.join(WEIGHT_INITS)}")
 
         if cfg.heads.name not in MARGIN_HEADS:
             raise ConfigError(f"invalid value for 'heads.name': {cfg.heads.name!r}; choose one of {', '.join(MARGIN_HEADS)}")
@@ -336,6 +339,33 @@ def resolve_batch(cfg: DictConfig, world_size: int) -> tuple[int, int]:
     return cfg.data.global_batch, cfg.data.global_batch // world_size
 
 
+def objectives(cfg: DictConfig) -> tuple[bool, bool]:
+    """(distil the generic teachers, train the UDON heads): which halves of the loss are on."""
+    return cfg.loss.w_distill > 0, bool(cfg.udon.enabled and cfg.loss.w_udon > 0)
+
+
+def final_norm_frozen(cfg: DictConfig) -> bool:
+    """UNIC's raw last tap leaves the student's final norm out of training, unless the UDON heads use it."""
+    distill, udon = objectives(cfg)
+    return distill and cfg.ladder.last_tap == "raw" and not udon
+
+
+def derived_schedule(cfg: DictConfig, global_batch: int, steps_per_epoch: int) -> dict:
+    """The values the run derives from the config once, at setup: peak lrs, step counts, warm-up, freezing."""
+    _, udon = objectives(cfg)
+    lr = cfg.optim.lr * (global_batch / 256 if cfg.optim.scale_lr else 1.0)
+    backbone_lr = lr
+    if udon and cfg.udon.backbone_lr_scale is not None:
+        backbone_lr = cfg.udon.head_lr * cfg.udon.backbone_lr_scale
+    total = cfg.optim.epochs * steps_per_epoch
+    return {
+        "lr": lr, "backbone_lr": backbone_lr, "head_lr": cfg.udon.head_lr if udon else None,
+        "total_steps": total, "run_steps": min(cfg.train.max_steps or total, total),
+        "warmup_steps": min(round(cfg.optim.warmup_epochs * steps_per_epoch), total),
+        "freeze_steps": round(cfg.udon.freeze_backbone_epochs * steps_per_epoch) if udon else 0,
+    }
+
+
 def load_config(config_file: str | None = None, overrides: list[str] | None = None, schema=UnicConfig) -> DictConfig:
     """Build the run configuration: schema defaults <- YAML file <- ``key=value`` overrides."""
     base = OmegaConf.structured(schema)
@@ -375,21 +405,32 @@ def to_plain(cfg: DictConfig) -> dict:
 
 
 RESUME_KEYS = ("student", "ladder", "teachers.names", "udon", "heads", "loss.w_distill", "loss.w_udon",
-               "data.dataset", "data.domains", "data.batch_size_per_gpu", "data.global_batch", "optim.epochs",
-               "train.seed")
+               "data.dataset", "data.domains", "optim.epochs", "train.seed")
 
 
-def resume_mismatches(saved: dict, cfg: DictConfig) -> list[str]:
-    """Settings that shape the model, data order or schedules and differ from the checkpoint's config."""
+def _fill_missing(saved: dict, defaults: dict, free_dicts: set[str], prefix: str = "") -> None:
+    """Give ``saved`` (a config from an older checkpoint) the schema defaults of the settings added since.
+
+    Every setting is added with a default that keeps the behaviour from before it existed, so a checkpoint
+    that lacks it was trained as that default says. Free-form dicts (``student.kwargs``) are left as saved.
+    """
+    for key, value in defaults.items():
+        path = f"{prefix}{key}"
+        if key not in saved:
+            saved[key] = value
+        elif isinstance(value, dict) and isinstance(saved[key], dict) and path not in free_dicts:
+            _fill_missing(saved[key], value, free_dicts, path + ".")
+
+
+def resume_mismatches(saved: dict, cfg: DictConfig, saved_world: int | None = None, world: int = 1) -> list[str]:
+    """Settings that shape the model, data order or schedules and differ from the checkpoint's config.
+
+    The batch is compared as the global batch each config gives on its own number of processes (so
+    ``data.global_batch: 512`` on 4 GPUs resumes a run of 128 per GPU on 4)."""
+    schema = OmegaConf.structured(UnicConfig)
+    saved = json.loads(json.dumps(saved))  # a plain, private copy
+    _fill_missing(saved, OmegaConf.to_container(schema), set(_free_dicts(schema)))
     saved_cfg = OmegaConf.create(saved)
-    student = saved_cfg.get("student")
-    if student is not None:  # written before student.mean/std existed: trained with ImageNet's normalisation
-        for key, default in (("mean", list(IMAGENET_MEAN)), ("std", list(IMAGENET_STD))):
-            if key not in student:
-                student[key] = default
-    ladder = saved_cfg.get("ladder")
-    if ladder is not None and "last_tap" not in ladder:  # written before ladder.last_tap: the tap was final-normed
-        ladder["last_tap"] = "normed"
     diffs = []
     for key in RESUME_KEYS:
         old, new = OmegaConf.select(saved_cfg, key), OmegaConf.select(cfg, key)
@@ -397,6 +438,13 @@ def resume_mismatches(saved: dict, cfg: DictConfig) -> list[str]:
         new = OmegaConf.to_container(new) if isinstance(new, (DictConfig, ListConfig)) else new
         if old != new:
             diffs.append(f"{key}: checkpoint {old!r}, now {new!r}")
+    try:
+        old_batch = resolve_batch(saved_cfg, saved_world or world)[0]
+    except ConfigError:
+        old_batch = None
+    new_batch = resolve_batch(cfg, world)[0]
+    if old_batch != new_batch:
+        diffs.append(f"global batch: checkpoint {old_batch}, now {new_batch}")
     return diffs
 
 

@@ -338,29 +338,6 @@ def predict_torch(model: nn.Module, X: torch.Tensor, batch_size: int = TORCH_BAT
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
 
 
-def fit_predict_torch(
-    X_train: torch.Tensor,
-    y_train: torch.Tensor,
-    X_eval: torch.Tensor,
-    num_classes: int | None,
-    lr: float,
-    wd: float,
-    seed: int = DEFAULT_SEED,
-    epochs: int = TORCH_EPOCHS,
-    batch_size: int = TORCH_BATCH_SIZE,
-    generators: tuple[torch.Generator, torch.Generator] | None = None,
-) -> torch.Tensor:
-    """Train :func:`train_torch_logreg` and predict ``X_eval``. ``num_classes=None``: ``y_train.max() + 1``, as
-    there. A diverged model still predicts (as there; its NaN logits mostly give class 0)."""
-    if num_classes is None:
-        num_classes = int(y_train.max().item()) + 1
-    model, _ = train_torch_logreg(
-        X_train, y_train, num_classes, lr=lr, wd=wd, epochs=epochs, batch_size=batch_size, seed=seed,
-        generators=generators,
-    )
-    return predict_torch(model, X_eval, batch_size=batch_size)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Search + refit
 # --------------------------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ import timm
 import torch
 from torch import nn
 
+from unic.config import ConfigError
+
 logger = logging.getLogger(__name__)
 
 
@@ -21,10 +23,11 @@ def build_student(arch: str, img_size: int, drop_path: float = 0.0, kwargs: dict
     )
     if not hasattr(model, "forward_intermediates") or getattr(model, "cls_token", None) is None \
             or getattr(model, "global_pool", "token") != "token":
-        from unic.config import ConfigError
-
         raise ConfigError(f"student.arch '{arch}' is not a ViT with a cls token and token pooling "
                           "(the ladder and the evaluations read the cls token)")
+    patch = model.patch_embed.patch_size[0]
+    if img_size % patch:
+        raise ConfigError(f"student.img_size {img_size} is not a multiple of the patch size {patch}")
     return model
 
 

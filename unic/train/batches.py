@@ -66,6 +66,7 @@ class DomainBatches:
         self.consumed = [0] * self.num_domains
         self._iters: list = [None] * self.num_domains
         self.workers = self.allocate_workers()
+        self._probs_seen = self.domain_sampler.probs
 
     def allocate_workers(self) -> list[int]:
         """Data workers per domain stream, in proportion to the domain's sampling probability (at least one
@@ -97,7 +98,8 @@ class DomainBatches:
         return self._iters[domain]
 
     def next(self) -> tuple[int, dict]:
-        if self.domain_sampler.step % self.domain_sampler.update_every == 0:  # probabilities may have moved
+        if self.domain_sampler.probs is not self._probs_seen:  # a dynamic update replaced the probabilities
+            self._probs_seen = self.domain_sampler.probs
             self._rebalance()
         domain = self.domain_sampler.next_domain()
         batch = next(self._stream(domain))

@@ -18,7 +18,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from unic import distributed
-from unic.config import ConfigError, resolve_batch, resume_mismatches, save_config, to_plain
+from unic.config import (ConfigError, derived_schedule, final_norm_frozen, objectives, resolve_batch,
+                         resume_mismatches, save_config, to_plain)
 from unic.data.demo import ensure_demo_data
 from unic.data.folders import ImageListDataset, image_folder_dataset
 from unic.config import head_options
@@ -135,8 +136,7 @@ class Trainer:
         if self.precision != "fp32" and self.device.type == "cpu" and cfg.train.precision != "auto":
             logger.warning("%s autocast on CPU is slow; fp32 is the CPU default", self.precision)
         seed_everything(cfg.train.seed)
-        self.distill = cfg.loss.w_distill > 0
-        self.udon = cfg.udon.enabled and cfg.loss.w_udon > 0
+        self.distill, self.udon = objectives(cfg)
 
         # everything that can fail on user input is built before the output folder exists
         self.train_set, self.val_set, self.knn_bank = build_datasets(cfg, self.udon)
@@ -155,13 +155,11 @@ class Trainer:
 
             state = ckpt_lib.load_checkpoint(cfg.student.pretrained)
             load_into(backbone, backbone_state_dict(state), "timm", cfg.student.pretrained)
-        if self.distill and cfg.ladder.last_tap == "raw" and not self.udon:
+        if final_norm_frozen(cfg):
             # UNIC: the ladder reads the raw last block, so the final norm takes no part in training and
             # keeps its initial (identity, or pretrained) affine; DDP needs it out of the trainable set
             backbone.norm.requires_grad_(False)
         self.patch_size = backbone.patch_embed.patch_size[0]
-        if cfg.student.img_size % self.patch_size:
-            raise ConfigError(f"student.img_size {cfg.student.img_size} is not a multiple of the patch size {self.patch_size}")
         ladder = None
         if self.distill:
             teacher_dims = {name: t.embed_dim for name, t in self.teachers.items()}
@@ -229,14 +227,10 @@ class Trainer:
         else:
             sampler = GlobalBatchSampler(len(self.train_set), self.global_batch, self.rank, self.world, cfg.train.seed)
             self.batches = EpochBatches(self.train_set, sampler, cfg.data.num_workers, pin, cfg.data.worker_timeout_s)
-        self.total_steps = cfg.optim.epochs * self.steps_per_epoch
-        self.max_steps = min(cfg.train.max_steps or self.total_steps, self.total_steps)
-        self.freeze_steps = round(cfg.udon.freeze_backbone_epochs * self.steps_per_epoch) if self.udon else 0
-
-        lr = cfg.optim.lr * (self.global_batch / 256 if cfg.optim.scale_lr else 1.0)
-        backbone_lr = lr
-        if self.udon and cfg.udon.backbone_lr_scale is not None:
-            backbone_lr = cfg.udon.head_lr * cfg.udon.backbone_lr_scale
+        derived = derived_schedule(cfg, self.global_batch, self.steps_per_epoch)
+        self.total_steps, self.max_steps = derived["total_steps"], derived["run_steps"]
+        self.freeze_steps = derived["freeze_steps"]
+        lr, backbone_lr, warmup = derived["lr"], derived["backbone_lr"], derived["warmup_steps"]
         groups = param_groups(self.model.backbone, cfg.optim.weight_decay, "backbone")
         if ladder is not None:
             groups += param_groups(ladder, cfg.optim.weight_decay, "unic")
@@ -244,7 +238,6 @@ class Trainer:
             groups += param_groups(self.model.udon, cfg.udon.head_weight_decay, "udon")
             groups += param_groups(self.domain_heads, cfg.udon.head_weight_decay, "udon")
         self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.optim.betas))
-        warmup = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
         self.lr_schedules = {
             "backbone": cosine_schedule(backbone_lr, cfg.optim.min_lr, self.total_steps, warmup),
             "unic": cosine_schedule(lr, cfg.optim.min_lr, self.total_steps, warmup),
@@ -384,7 +377,7 @@ class Trainer:
         state = ckpt_lib.load_checkpoint(path)
         if state.get("format") != "unic-train":
             raise CheckpointFormatError(f"{path} is not a UNIC training checkpoint (format {state.get('format')!r})")
-        diffs = resume_mismatches(state.get("config", {}), self.cfg)
+        diffs = resume_mismatches(state.get("config", {}), self.cfg, state.get("world_size"), self.world)
         if state.get("world_size") not in (None, self.world):
             diffs.append(f"processes: checkpoint {state['world_size']}, now {self.world}")
         if diffs:

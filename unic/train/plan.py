@@ -14,10 +14,10 @@ import logging
 import os
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from unic.config import resolve_batch
+from unic.config import ConfigError, derived_schedule, final_norm_frozen, objectives, resolve_batch
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +96,7 @@ def build_plan(cfg: DictConfig, world_size: int = 1, num_train_images: int | Non
     from unic.models.student import build_student
     from unic.models.teacher import FrozenTeacher
 
-    distill = cfg.loss.w_distill > 0
-    udon = cfg.udon.enabled and cfg.loss.w_udon > 0
+    distill, udon = objectives(cfg)
     device = device or torch.device("cpu" if cfg.train.device == "cpu" else "cuda")
     precision = resolve_precision(cfg.train.precision, device)
     global_batch, per_gpu = resolve_batch(cfg, world_size)
@@ -111,16 +110,20 @@ def build_plan(cfg: DictConfig, world_size: int = 1, num_train_images: int | Non
                 for name in sorted(cfg.teachers.names):
                     teachers[name] = FrozenTeacher(name, "random", cfg.teachers.weights_dir)
             blocks = list(cfg.ladder.blocks) if cfg.ladder.blocks is not None else None
-            ladder = Ladder(backbone.embed_dim, len(backbone.blocks), {n: t.embed_dim for n, t in teachers.items()},
-                            blocks, cfg.ladder.hidden_dim, cfg.ladder.last_hidden_dim)
+            try:
+                ladder = Ladder(backbone.embed_dim, len(backbone.blocks), {n: t.embed_dim for n, t in teachers.items()},
+                                blocks, cfg.ladder.hidden_dim, cfg.ladder.last_hidden_dim)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
         else:
             ladder = None
-    if distill and cfg.ladder.last_tap == "raw" and not udon:
+    if final_norm_frozen(cfg):
         backbone.norm.requires_grad_(False)  # as the trainer: the final norm is not trained
 
     patch = backbone.patch_embed.patch_size[0]
     plan["student"] = {
-        "arch": cfg.student.arch, "kwargs": dict(cfg.student.kwargs), "img_size": cfg.student.img_size,
+        "arch": cfg.student.arch, "kwargs": OmegaConf.to_container(cfg.student.kwargs, resolve=True),
+        "img_size": cfg.student.img_size,
         "width": backbone.embed_dim, "depth": len(backbone.blocks), "heads": backbone.blocks[0].attn.num_heads,
         "patch": patch, "tokens": backbone.patch_embed.num_patches + backbone.num_prefix_tokens,
         "registers": backbone.num_reg_tokens, "layerscale": not isinstance(backbone.blocks[0].ls1, nn.Identity),
@@ -147,21 +150,21 @@ def build_plan(cfg: DictConfig, world_size: int = 1, num_train_images: int | Non
     if not known:
         num_train_images = KNOWN_TRAIN_SIZES.get(cfg.data.dataset)
     steps_per_epoch = num_train_images // global_batch if num_train_images else None
-    lr = cfg.optim.lr * (global_batch / 256 if cfg.optim.scale_lr else 1.0)
+    derived = derived_schedule(cfg, global_batch, steps_per_epoch or 0)
     schedule = {
-        "global_batch": global_batch, "batch_per_gpu": per_gpu, "lr": lr, "lr_base": cfg.optim.lr,
+        "global_batch": global_batch, "batch_per_gpu": per_gpu, "lr": derived["lr"], "lr_base": cfg.optim.lr,
         "lr_scaled_with_batch": bool(cfg.optim.scale_lr), "min_lr": cfg.optim.min_lr,
+        "backbone_lr": derived["backbone_lr"], "head_lr": derived["head_lr"],
         "weight_decay": [cfg.optim.weight_decay, cfg.optim.weight_decay_end], "epochs": cfg.optim.epochs,
         "train_images": num_train_images,
         "train_images_source": "data" if known else ("assumed (data.root not read)" if num_train_images else "unknown"),
-        "steps_per_epoch": steps_per_epoch, "total_steps": None, "warmup_steps": None,
+        "steps_per_epoch": steps_per_epoch, "total_steps": None, "run_steps": None, "warmup_steps": None,
+        "backbone_frozen_steps": None,
         "clip_grad": cfg.optim.clip_grad, "clip_mode": cfg.optim.clip_mode, "precision": precision,
     }
     if steps_per_epoch:
-        total = cfg.optim.epochs * steps_per_epoch
-        schedule["total_steps"] = total
-        schedule["run_steps"] = min(cfg.train.max_steps or total, total)
-        schedule["warmup_steps"] = round(cfg.optim.warmup_epochs * steps_per_epoch)
+        schedule.update(total_steps=derived["total_steps"], run_steps=derived["run_steps"],
+                        warmup_steps=derived["warmup_steps"], backbone_frozen_steps=derived["freeze_steps"])
     plan["schedule"] = schedule
 
     # FLOPs per image (batch of 2 on the meta device, halved)
@@ -196,17 +199,26 @@ def build_plan(cfg: DictConfig, world_size: int = 1, num_train_images: int | Non
     act_images = images.to(dtype)
     act = _saved_bytes(lambda: act_model(act_images), list(act_model.parameters())) // batch
     trainable = _count(model, trainable_only=True)
+    low_precision = precision in ("bf16", "fp16")
     memory = {
         "trainable_params": trainable,
         "weights_grads_adamw_gb": trainable * ADAMW_BYTES_PER_PARAM / 2**30,
+        # DDP's gradient buckets (a second fp32 gradient copy) on more than one process
+        "ddp_buckets_gb": trainable * 4 / 2**30 if world_size > 1 else 0.0,
+        # autocast's low-precision copies of the weights, cached for the forward and backward
+        "autocast_weight_copies_gb": (_count(model) + sum(_count(t) for t in teachers.values())) * 2 / 2**30
+        if low_precision else 0.0,
         "teachers_gb": sum(_count(t) for t in teachers.values()) * 4 / 2**30,
         "activations_per_image_mb": act / 2**20,
         "activations_gb": act * per_gpu / 2**30,
     }
-    memory["total_gb"] = memory["weights_grads_adamw_gb"] + memory["teachers_gb"] + memory["activations_gb"]
-    memory["note"] = ("estimate: fp32 trainable state with AdamW, fp32 teacher weights, tensors saved for backward "
-                      f"in {precision} with attention unfused (an upper bound under flash attention); excludes the "
-                      "CUDA context, teacher activations (transient, inference mode) and allocator slack")
+    memory["total_gb"] = sum(memory[k] for k in ("weights_grads_adamw_gb", "ddp_buckets_gb",
+                                                 "autocast_weight_copies_gb", "teachers_gb", "activations_gb"))
+    memory["note"] = ("estimate: fp32 trainable state with AdamW, DDP buckets, autocast weight copies, fp32 teacher "
+                      f"weights, and the tensors saved for backward by the model cast to {precision} with attention "
+                      "unfused; autocast keeps some of them (norm and softmax inputs) in fp32, flash attention "
+                      "saves less. Excludes the CUDA context, teacher activations (transient, inference mode) "
+                      "and allocator slack")
     plan["memory_per_gpu"] = memory
     return plan
 
@@ -236,15 +248,23 @@ def format_plan(plan: dict) -> str:
                      f"sampling {u['sampling']}")
     steps = (f"{sch['steps_per_epoch']} steps/epoch x {sch['epochs']} epochs = {sch['total_steps']} steps, "
              f"{sch['warmup_steps']} warm-up" if sch["steps_per_epoch"] else "steps unknown (train split not read)")
+    if sch["run_steps"] is not None and sch["run_steps"] != sch["total_steps"]:
+        steps += f", stopping after {sch['run_steps']} (train.max_steps)"
+    if sch["backbone_frozen_steps"]:
+        steps += f", backbone frozen for {sch['backbone_frozen_steps']}"
     images = f"{sch['train_images']} train images ({sch['train_images_source']})" if sch["train_images"] else ""
     lines += [
         f"batch    global {sch['global_batch']} = {plan['world_size']} x {sch['batch_per_gpu']} per GPU; "
         f"lr {sch['lr']:.3g}" + (f" (= {sch['lr_base']:.3g} x {sch['global_batch']} / 256)" if sch["lr_scaled_with_batch"] else "")
-        + f", min {sch['min_lr']:.3g}; {sch['precision']} on {plan['device']}; clip {sch['clip_grad']} ({sch['clip_mode']})",
+        + f", min {sch['min_lr']:.3g}"
+        + (f"; backbone lr {sch['backbone_lr']:.3g}" if sch["backbone_lr"] != sch["lr"] else "")
+        + (f"; head lr {sch['head_lr']:.3g}" if sch["head_lr"] is not None else "")
+        + f"; {sch['precision']} on {plan['device']}; clip {sch['clip_grad']} ({sch['clip_mode']})",
         f"schedule {steps}" + (f"; {images}" if images else ""),
         "flops    per image: " + ", ".join(f"{k} {v / 1e9:.1f} G" for k, v in fl.items())
         + f"; {plan['tflops_per_step_per_gpu']:.1f} TFLOP per step per GPU",
         f"memory   ~{mem['total_gb']:.1f} GB per GPU: trainable state {mem['weights_grads_adamw_gb']:.1f}, "
+        f"DDP buckets {mem['ddp_buckets_gb']:.1f}, autocast copies {mem['autocast_weight_copies_gb']:.1f}, "
         f"teachers {mem['teachers_gb']:.1f}, activations {mem['activations_gb']:.1f} "
         f"({mem['activations_per_image_mb']:.0f} MB per image)",
     ]
@@ -255,5 +275,5 @@ def write_plan(plan: dict, path: str) -> None:
     """``plan.json``, written atomically."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path + ".tmp", "w") as f:
-        json.dump(plan, f, indent=1)
+        json.dump(plan, f, indent=1, default=str)
     os.replace(path + ".tmp", path)
