@@ -67,6 +67,12 @@ def test_unic_l_preset_builds_uniCs_vitl14_without_layerscale(plans):
     assert round(t["dinov2_vitg14"]["params"] / 1e6) == 1135
     assert plan["ladder"]["last_tap"] == "raw" and plan["schedule"]["clip_mode"] == "per_param"
     assert plan["schedule"]["global_batch"] == 512
+    flops = plan["flops_per_image"]  # golden figures: ViT-L/14 at 224 (257 tokens), ViT-g/14 and ViT-H/14 forward
+    assert round(flops["student_fwd_bwd"] / 1e9, 1) == 485.8
+    assert round(flops["teacher/dinov2_vitg14"] / 1e9, 1) == 598.8
+    assert round(flops["teacher/metaclip_vith14"] / 1e9, 1) == 334.6
+    assert round(flops["total"] / 1e9, 1) == 1574.7
+    assert round(plan["ladder"]["params"] / 1e6, 1) == 201.9
 
 
 def test_udon_preset_builds_a_clip_vitb16_at_global_batch_128(plans):
