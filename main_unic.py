@@ -42,7 +42,7 @@ def run_plan(cfg, world_size: int | None) -> None:
 
     world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
     if world < 1:
-        raise ConfigError(f"--world_size must be >= 1, got {world}")
+        raise ConfigError(f"--world_size (or $WORLD_SIZE) must be >= 1, got {world}")
     num_images = None
     if os.path.isdir(os.path.expanduser(cfg.data.root)):
         from unic.train.loop import build_datasets

@@ -105,3 +105,19 @@ def test_resume_compares_the_effective_global_batch():
     assert resume_mismatches(to_plain(old), new, saved_world=4, world=4) == []
     diffs = resume_mismatches(to_plain(old), new, saved_world=2, world=4)
     assert diffs == ["global batch: checkpoint 16, now 32"]
+
+
+def test_resume_of_checkpoints_from_before_udon_and_without_a_config():
+    from unic.config import resume_mismatches, to_plain
+
+    off = load_config(DEMO_CONFIG, ["udon.enabled=false"])
+    saved = to_plain(off)
+    del saved["udon"], saved["heads"], saved["loss"]["w_udon"]  # a distillation-only run from before UDON
+    assert resume_mismatches(saved, off) == []
+    assert any(d.startswith("udon") for d in resume_mismatches(saved, load_config(DEMO_CONFIG)))
+    assert resume_mismatches({}, off) == ["the checkpoint holds no config"]
+    # settings that play no part in the run are not compared; the heads' initial weights are the checkpoint's
+    assert resume_mismatches(to_plain(off), load_config(DEMO_CONFIG, ["udon.enabled=false", "udon.head_lr=1"])) == []
+    on = load_config(DEMO_CONFIG)
+    assert resume_mismatches(to_plain(on), load_config(DEMO_CONFIG, ["heads.init=normal"])) == []
+    assert resume_mismatches(to_plain(on), load_config(DEMO_CONFIG, ["udon.head_lr=1"]))

@@ -427,15 +427,26 @@ def resume_mismatches(saved: dict, cfg: DictConfig, saved_world: int | None = No
 
     The batch is compared as the global batch each config gives on its own number of processes (so
     ``data.global_batch: 512`` on 4 GPUs resumes a run of 128 per GPU on 4)."""
+    if not saved:
+        return ["the checkpoint holds no config"]
     schema = OmegaConf.structured(UnicConfig)
     saved = json.loads(json.dumps(saved))  # a plain, private copy
+    # whole sections added later: the runs written before them had UDON off
+    if "udon" not in saved:
+        saved["udon"] = {"enabled": False}
+        saved.setdefault("loss", {}).setdefault("w_udon", 0.0)
     _fill_missing(saved, OmegaConf.to_container(schema), set(_free_dicts(schema)))
     saved_cfg = OmegaConf.create(saved)
+    udon_settings = ("udon", "heads", "loss.w_udon")
+    keys = RESUME_KEYS if objectives(saved_cfg)[1] or objectives(cfg)[1] else \
+        [k for k in RESUME_KEYS if k not in udon_settings]  # UDON off in both: its settings play no part
     diffs = []
-    for key in RESUME_KEYS:
+    for key in keys:
         old, new = OmegaConf.select(saved_cfg, key), OmegaConf.select(cfg, key)
         old = OmegaConf.to_container(old) if isinstance(old, (DictConfig, ListConfig)) else old
         new = OmegaConf.to_container(new) if isinstance(new, (DictConfig, ListConfig)) else new
+        if key == "heads":  # the initial weights are replaced by the checkpoint's
+            old, new = ({k: v for k, v in d.items() if k != "init"} if isinstance(d, dict) else d for d in (old, new))
         if old != new:
             diffs.append(f"{key}: checkpoint {old!r}, now {new!r}")
     try:

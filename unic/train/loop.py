@@ -377,7 +377,7 @@ class Trainer:
         state = ckpt_lib.load_checkpoint(path)
         if state.get("format") != "unic-train":
             raise CheckpointFormatError(f"{path} is not a UNIC training checkpoint (format {state.get('format')!r})")
-        diffs = resume_mismatches(state.get("config", {}), self.cfg, state.get("world_size"), self.world)
+        diffs = resume_mismatches(state.get("config") or {}, self.cfg, state.get("world_size"), self.world)
         if state.get("world_size") not in (None, self.world):
             diffs.append(f"processes: checkpoint {state['world_size']}, now {self.world}")
         if diffs:

@@ -205,9 +205,9 @@ def build_plan(cfg: DictConfig, world_size: int = 1, num_train_images: int | Non
         "weights_grads_adamw_gb": trainable * ADAMW_BYTES_PER_PARAM / 2**30,
         # DDP's gradient buckets (a second fp32 gradient copy) on more than one process
         "ddp_buckets_gb": trainable * 4 / 2**30 if world_size > 1 else 0.0,
-        # autocast's low-precision copies of the weights, cached for the forward and backward
-        "autocast_weight_copies_gb": (_count(model) + sum(_count(t) for t in teachers.values())) * 2 / 2**30
-        if low_precision else 0.0,
+        # autocast's low-precision copies of the trained weights, cached for the forward and backward (the
+        # teachers run in inference mode: their casts are not cached)
+        "autocast_weight_copies_gb": trainable * 2 / 2**30 if low_precision else 0.0,
         "teachers_gb": sum(_count(t) for t in teachers.values()) * 4 / 2**30,
         "activations_per_image_mb": act / 2**20,
         "activations_gb": act * per_gpu / 2**30,
