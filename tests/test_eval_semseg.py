@@ -54,12 +54,16 @@ def write_ade20k_quadrants(root, split: str, num_images: int, size_hw=(48, 64), 
         Image.fromarray(label).save(root / "annotations" / split / f"{name}.png")
 
 
-@pytest.fixture(scope="module")
-def ade(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ADEChallengeData2016")
-    write_ade20k_quadrants(root, "training", 4, seed=0)
+def make_ade20k(tmp_path_factory, name: str, num_train: int):
+    root = tmp_path_factory.mktemp(name)
+    write_ade20k_quadrants(root, "training", num_train, seed=0)
     write_ade20k_quadrants(root, "validation", 2, seed=1)
     return root
+
+
+@pytest.fixture(scope="module")
+def ade(tmp_path_factory):
+    return make_ade20k(tmp_path_factory, "ADEChallengeData2016", 4)
 
 
 @pytest.fixture(scope="module")
@@ -170,10 +174,7 @@ def test_explicit_flags_override_the_schedule():
 @pytest.fixture(scope="module")
 def ade16(tmp_path_factory):
     """16 training images: a real batch of the dinov2 schedule (16) and two of the unic one (8)."""
-    root = tmp_path_factory.mktemp("ADE16")
-    write_ade20k_quadrants(root, "training", 16, seed=0)
-    write_ade20k_quadrants(root, "validation", 2, seed=1)
-    return root
+    return make_ade20k(tmp_path_factory, "ADE16", 16)
 
 
 @pytest.mark.parametrize("schedule", ["unic", "dinov2"])

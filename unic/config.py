@@ -228,8 +228,8 @@ def _validate(cfg: DictConfig) -> None:
             raise ConfigError(f"invalid value for '{key}': must be > 0, got {OmegaConf.select(cfg, key)}")
     non_negative = [
         "data.num_workers", "optim.warmup_epochs", "optim.lr", "optim.min_lr", "optim.weight_decay",
-        "optim.clip_grad", "udon.window_reset_every", "train.save_every", "train.max_steps", "train.keep_checkpoints", "data.worker_timeout_s",
-        "student.drop_path",
+        "optim.clip_grad", "udon.window_reset_every", "train.save_every", "train.max_steps", "train.keep_checkpoints",
+        "data.worker_timeout_s", "student.drop_path",
     ]
     for key in non_negative:
         if OmegaConf.select(cfg, key) < 0:
@@ -406,6 +406,7 @@ def to_plain(cfg: DictConfig) -> dict:
 
 RESUME_KEYS = ("student", "ladder", "teachers.names", "udon", "heads", "loss.w_distill", "loss.w_udon",
                "data.dataset", "data.domains", "optim.epochs", "train.seed")
+RESUME_IGNORED = ("heads.init",)  # inside RESUME_KEYS, but replaced by the checkpoint's state on resume
 
 
 def _fill_missing(saved: dict, defaults: dict, free_dicts: set[str], prefix: str = "") -> None:
@@ -436,7 +437,14 @@ def resume_mismatches(saved: dict, cfg: DictConfig, saved_world: int | None = No
         saved["udon"] = {"enabled": False}
         saved.setdefault("loss", {}).setdefault("w_udon", 0.0)
     _fill_missing(saved, OmegaConf.to_container(schema), set(_free_dicts(schema)))
-    saved_cfg = OmegaConf.create(saved)
+    current = to_plain(cfg)
+    for path in RESUME_IGNORED:
+        *parents, leaf = path.split(".")
+        for config in (saved, current):
+            for key in parents:
+                config = config.get(key) or {}
+            config.pop(leaf, None)
+    saved_cfg, cfg = OmegaConf.create(saved), OmegaConf.create(current)
     udon_settings = ("udon", "heads", "loss.w_udon")
     keys = RESUME_KEYS if objectives(saved_cfg)[1] or objectives(cfg)[1] else \
         [k for k in RESUME_KEYS if k not in udon_settings]  # UDON off in both: its settings play no part
@@ -445,8 +453,6 @@ def resume_mismatches(saved: dict, cfg: DictConfig, saved_world: int | None = No
         old, new = OmegaConf.select(saved_cfg, key), OmegaConf.select(cfg, key)
         old = OmegaConf.to_container(old) if isinstance(old, (DictConfig, ListConfig)) else old
         new = OmegaConf.to_container(new) if isinstance(new, (DictConfig, ListConfig)) else new
-        if key == "heads":  # the initial weights are replaced by the checkpoint's
-            old, new = ({k: v for k, v in d.items() if k != "init"} if isinstance(d, dict) else d for d in (old, new))
         if old != new:
             diffs.append(f"{key}: checkpoint {old!r}, now {new!r}")
     try:

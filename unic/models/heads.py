@@ -97,8 +97,6 @@ class MarginHead(nn.Module, abc.ABC):
         super().__init__()
         if k < 1:
             raise ValueError(f"number of sub-centres k must be >= 1, got {k}")
-        if init not in WEIGHT_INITS:
-            raise ValueError(f"unknown class-weight init {init!r}; choose one of {list(WEIGHT_INITS)}")
         self.embed_dim, self.num_classes, self.k, self.s, self.init = embed_dim, num_classes, k, s, init
         self.weight = nn.Parameter(torch.empty(num_classes * k, embed_dim))
         self.reset_parameters()

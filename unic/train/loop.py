@@ -84,7 +84,10 @@ def build_datasets(cfg: DictConfig, udon: bool) -> tuple[ImageListDataset, Image
     norm = {"mean": tuple(cfg.student.mean), "std": tuple(cfg.student.std)}
     train_tf = udon_train_transform(size, **norm) if udon else unic_train_transform(size, **norm)
     # ImageNet: the 0.875 centre crop; UnED-layout data: UDON's short-side resize and centre crop
-    val_tf = eval_transform(size, crop_ratio=0.875, **norm) if data.dataset == "imagenet" else uned_eval_transform(size, **norm)
+    if data.dataset == "imagenet":
+        val_tf = eval_transform(size, crop_ratio=0.875, **norm)
+    else:
+        val_tf = uned_eval_transform(size, **norm)
     root = os.path.expanduser(data.root)
     if data.dataset == "demo":
         if distributed.is_main_process():
@@ -108,6 +111,41 @@ def build_datasets(cfg: DictConfig, udon: bool) -> tuple[ImageListDataset, Image
         stride = max(1, round(1 / data.knn_train_fraction))
         bank = ImageListDataset(train.samples[::stride], val_tf, train.domain_names)
     return train, val, bank
+
+
+def build_teachers(cfg: DictConfig, weights: str | None = None) -> nn.ModuleDict:
+    """The frozen teachers by module key, in sorted name order; ``weights`` ("random") overrides every source."""
+    # module keys cannot hold dots (timm:<model>.<tag>); weights may be given under either spelling
+    return nn.ModuleDict({
+        teacher_key(name): FrozenTeacher(
+            name, weights or cfg.teachers.weights.get(name, cfg.teachers.weights.get(teacher_key(name))),
+            cfg.teachers.weights_dir)
+        for name in sorted(cfg.teachers.names)
+    })
+
+
+def build_backbone(cfg: DictConfig, load_pretrained: bool = True) -> nn.Module:
+    """The student backbone (``student.pretrained`` loaded), its final norm frozen when nothing trains it."""
+    backbone = build_student(cfg.student.arch, cfg.student.img_size, cfg.student.drop_path, dict(cfg.student.kwargs))
+    if load_pretrained and cfg.student.pretrained:
+        from teachers.convert import load_into
+
+        state = ckpt_lib.load_checkpoint(cfg.student.pretrained)
+        load_into(backbone, backbone_state_dict(state), "timm", cfg.student.pretrained)
+    if final_norm_frozen(cfg):
+        # UNIC: the ladder reads the raw last block, so the final norm takes no part in training and keeps
+        # its initial (identity, or pretrained) affine; DDP needs it out of the trainable set
+        backbone.norm.requires_grad_(False)
+    return backbone
+
+
+def build_ladder(cfg: DictConfig, backbone: nn.Module, teacher_dims: dict[str, int]) -> Ladder:
+    blocks = list(cfg.ladder.blocks) if cfg.ladder.blocks is not None else None
+    try:
+        return Ladder(backbone.embed_dim, len(backbone.blocks), teacher_dims, blocks, cfg.ladder.hidden_dim,
+                      cfg.ladder.last_hidden_dim)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def unique_labels(labels: torch.Tensor, domains: torch.Tensor) -> torch.Tensor:
@@ -140,35 +178,10 @@ class Trainer:
 
         # everything that can fail on user input is built before the output folder exists
         self.train_set, self.val_set, self.knn_bank = build_datasets(cfg, self.udon)
-        self.teachers = None
-        if self.distill:
-            # module keys cannot hold dots (timm:<model>.<tag>); weights may be given under either spelling
-            self.teachers = nn.ModuleDict({
-                teacher_key(name): FrozenTeacher(
-                    name, cfg.teachers.weights.get(name, cfg.teachers.weights.get(teacher_key(name))),
-                    cfg.teachers.weights_dir)
-                for name in sorted(cfg.teachers.names)
-            })  # moved to the device once every input has been validated
-        backbone = build_student(cfg.student.arch, cfg.student.img_size, cfg.student.drop_path, dict(cfg.student.kwargs))
-        if cfg.student.pretrained:
-            from teachers.convert import load_into
-
-            state = ckpt_lib.load_checkpoint(cfg.student.pretrained)
-            load_into(backbone, backbone_state_dict(state), "timm", cfg.student.pretrained)
-        if final_norm_frozen(cfg):
-            # UNIC: the ladder reads the raw last block, so the final norm takes no part in training and
-            # keeps its initial (identity, or pretrained) affine; DDP needs it out of the trainable set
-            backbone.norm.requires_grad_(False)
+        self.teachers = build_teachers(cfg) if self.distill else None  # to the device once inputs are validated
+        backbone = build_backbone(cfg)
         self.patch_size = backbone.patch_embed.patch_size[0]
-        ladder = None
-        if self.distill:
-            teacher_dims = {name: t.embed_dim for name, t in self.teachers.items()}
-            try:
-                ladder = Ladder(backbone.embed_dim, len(backbone.blocks), teacher_dims,
-                                list(cfg.ladder.blocks) if cfg.ladder.blocks is not None else None,
-                                cfg.ladder.hidden_dim, cfg.ladder.last_hidden_dim)
-            except ValueError as err:
-                raise ConfigError(str(err)) from None
+        ladder = build_ladder(cfg, backbone, {n: t.embed_dim for n, t in self.teachers.items()}) if self.distill else None
         self.domain_heads, universal = None, None
         self.domains = list(self.train_set.domain_names)
         if self.udon:
@@ -278,7 +291,8 @@ class Trainer:
         self._log_setup()
 
     def _log_setup(self) -> None:
-        """The preflight plan (what ``main_unic.py --plan`` prints), logged and written as ``plan.json``."""
+        """The preflight plan (what ``main_unic.py --plan`` prints), logged and written as ``plan.json``, and
+        what the plan cannot know before the data is read: the UDON heads' sizes."""
         from unic.train.plan import build_plan, format_plan, write_plan
 
         self.plan = build_plan(self.cfg, self.world, len(self.train_set), self.device)
@@ -286,18 +300,14 @@ class Trainer:
             for line in format_plan(self.plan).splitlines():
                 logger.info("plan: %s", line)
             write_plan(self.plan, os.path.join(self.output_dir, "plan.json"))
-        self._log_state()
-
-    def _on_sigterm(self, signum, frame) -> None:  # noqa: ARG002
-        logger.warning("SIGTERM received: saving a checkpoint at the end of this step, then stopping")
-        self.stop_requested = True
-
-    def _log_state(self) -> None:
-        """What the plan cannot know before the data is read: the UDON heads' sizes."""
         if self.udon:
             memory = self.domain_heads.memory_report()
             logger.info("UDON heads (%s), MB per domain with AdamW state: %s; sampling %s", self.cfg.heads.name,
                         ", ".join(f"{d} {mb:.1f}" for d, mb in memory.items()), self.cfg.udon.sampling)
+
+    def _on_sigterm(self, signum, frame) -> None:  # noqa: ARG002
+        logger.warning("SIGTERM received: saving a checkpoint at the end of this step, then stopping")
+        self.stop_requested = True
 
     # ------------------------------------------------------------------ state
     def model_state(self) -> dict:

@@ -53,14 +53,12 @@ def clip_gradients(params: list[torch.Tensor], max_norm: float, mode: str = "glo
     ``utils.clip_gradients``. ``max_norm <= 0`` only measures.
     """
     grads = [p.grad for p in params if p.grad is not None]
-    if max_norm <= 0 or mode == "global":
-        if max_norm <= 0:
-            return torch.nn.utils.get_total_norm(grads)
+    if max_norm <= 0:
+        return torch.nn.utils.get_total_norm(grads)
+    if mode == "global":
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
     if mode != "per_param":
         raise ValueError(f"clip mode must be 'global' or 'per_param', got {mode!r}")
-    norms = torch._foreach_norm(grads)
-    total = torch.linalg.vector_norm(torch.stack(norms))
-    scales = [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms]
-    torch._foreach_mul_(grads, scales)
-    return total
+    norms = torch.stack(torch._foreach_norm(grads))
+    torch._foreach_mul_(grads, (max_norm / (norms + 1e-6)).clamp_(max=1.0).unbind())
+    return torch.linalg.vector_norm(norms)

@@ -17,14 +17,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from unic.config import ConfigError, derived_schedule, final_norm_frozen, objectives, resolve_batch
+from unic.config import derived_schedule, objectives, resolve_batch
+from unic.distributed import AUTOCAST_DTYPES
 
 logger = logging.getLogger(__name__)
 
 # images in the train split of data sets whose root may not be on the planning machine
 KNOWN_TRAIN_SIZES = {"imagenet": 1_281_167}
 ADAMW_BYTES_PER_PARAM = 16  # fp32 weight, gradient and the two AdamW moments
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _count(module: nn.Module, trainable_only: bool = False) -> int:
@@ -90,11 +90,8 @@ def build_plan(cfg: DictConfig, world_size: int = 1, num_train_images: int | Non
                device: torch.device | None = None) -> dict:
     """The plan of ``cfg`` on ``world_size`` processes; ``num_train_images`` when the train split is known,
     ``device`` the one the run uses (default: CUDA unless ``train.device=cpu``, the target of a real run)."""
-    from unic.train.loop import resolve_precision
-
-    from unic.models.ladder import Ladder, UnicModel
-    from unic.models.student import build_student
-    from unic.models.teacher import FrozenTeacher
+    from unic.models.ladder import UnicModel
+    from unic.train.loop import build_backbone, build_ladder, build_teachers, resolve_precision
 
     distill, udon = objectives(cfg)
     device = device or torch.device("cpu" if cfg.train.device == "cpu" else "cuda")
@@ -102,23 +99,13 @@ def build_plan(cfg: DictConfig, world_size: int = 1, num_train_images: int | Non
     global_batch, per_gpu = resolve_batch(cfg, world_size)
     plan: dict = {"world_size": world_size, "device": device.type}
 
-    with torch.device("meta"):
-        backbone = build_student(cfg.student.arch, cfg.student.img_size, cfg.student.drop_path, dict(cfg.student.kwargs))
-        teachers = {}
+    with torch.device("meta"):  # the trainer's builders, without weights
+        backbone = build_backbone(cfg, load_pretrained=False)
+        teachers, ladder = {}, None
         if distill:
             with _quiet("teachers.build"):
-                for name in sorted(cfg.teachers.names):
-                    teachers[name] = FrozenTeacher(name, "random", cfg.teachers.weights_dir)
-            blocks = list(cfg.ladder.blocks) if cfg.ladder.blocks is not None else None
-            try:
-                ladder = Ladder(backbone.embed_dim, len(backbone.blocks), {n: t.embed_dim for n, t in teachers.items()},
-                                blocks, cfg.ladder.hidden_dim, cfg.ladder.last_hidden_dim)
-            except ValueError as err:
-                raise ConfigError(str(err)) from None
-        else:
-            ladder = None
-    if final_norm_frozen(cfg):
-        backbone.norm.requires_grad_(False)  # as the trainer: the final norm is not trained
+                teachers = {t.name: t for t in build_teachers(cfg, weights="random").values()}
+            ladder = build_ladder(cfg, backbone, {n: t.embed_dim for n, t in teachers.items()})
 
     patch = backbone.patch_embed.patch_size[0]
     plan["student"] = {
@@ -194,10 +181,10 @@ def build_plan(cfg: DictConfig, world_size: int = 1, num_train_images: int | Non
     plan["tflops_per_step_per_gpu"] = flops["total"] * per_gpu / 1e12
 
     # GPU memory per process: trainable state, frozen teachers, activations saved for backward
-    dtype = DTYPES[precision]
-    act_model = UnicModel(backbone, ladder, None, cfg.ladder.last_tap).to(dtype).train()
+    dtype = AUTOCAST_DTYPES[precision] or torch.float32
+    model.to(dtype)  # meta tensors: nothing is allocated or converted
     act_images = images.to(dtype)
-    act = _saved_bytes(lambda: act_model(act_images), list(act_model.parameters())) // batch
+    act = _saved_bytes(lambda: model(act_images), list(model.parameters())) // batch
     trainable = _count(model, trainable_only=True)
     low_precision = precision in ("bf16", "fp16")
     memory = {
