@@ -16,7 +16,7 @@ from teachers import CheckpointFormatError, TeacherWeightsError
 from unic import distributed
 from unic.config import DEMO_CONFIG, ConfigError, load_config, objectives
 from unic.data.uned import DataFormatError
-from unic.train.checkpoint import CheckpointWriteError
+from unic.io import CheckpointWriteError
 
 logger = logging.getLogger("main_unic")
 
@@ -27,7 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="YAML preset, only what differs from the schema defaults (default: the demo, %(default)s)")
     parser.add_argument("--plan", action="store_true",
                         help="print the preflight plan (models, teachers and their files, batch, schedule, FLOPs, "
-                             "memory), write <train.output_dir>/plan.json and exit without training or using a GPU")
+                             "memory), write <run.output_dir>/plan.json and exit without training or using a GPU")
     parser.add_argument("--world_size", type=int, default=None,
                         help="with --plan: the number of processes the run will use (default: $WORLD_SIZE or 1)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4 data.root=/imagenet")
@@ -49,7 +49,7 @@ def run_plan(cfg, world_size: int | None) -> None:
 
         num_images = len(build_datasets(cfg, objectives(cfg)[1])[0])
     plan = build_plan(cfg, world, num_images)
-    path = os.path.join(os.path.abspath(os.path.expanduser(cfg.train.output_dir)), "plan.json")
+    path = os.path.join(os.path.abspath(os.path.expanduser(cfg.run.output_dir)), "plan.json")
     write_plan(plan, path)
     print(format_plan(plan))
     print(f"plan written to {path}")

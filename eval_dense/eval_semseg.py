@@ -256,7 +256,7 @@ def save_head(path: str, head: nn.Module, backbone: FrozenPatchBackbone, args: a
 def load_head(path: str, head: nn.Module, backbone: FrozenPatchBackbone) -> tuple[int, dict | None]:
     """Load a saved head into ``head``; returns the iteration it was saved at and its training record (the
     schedule and resolved settings, None for heads saved before they were recorded)."""
-    from unic.train.checkpoint import load_checkpoint
+    from unic.io import load_checkpoint
 
     ckpt = load_checkpoint(path)
     if ckpt.get("format") != HEAD_FORMAT:

@@ -49,7 +49,7 @@ def main() -> None:
     from unic.train.loop import Trainer
 
     out_dir = tempfile.mkdtemp(prefix="unic-bench-")
-    cfg = load_config(args.config, [*args.overrides, f"train.output_dir={out_dir}", "train.resume=false"])
+    cfg = load_config(args.config, [*args.overrides, f"run.output_dir={out_dir}", "train.resume=false"])
     trainer = Trainer(cfg)
     device = trainer.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

@@ -73,7 +73,7 @@ def _free_port() -> int:
 
 
 def _overrides(root: str, out: str, **extra) -> list[str]:
-    values = {**TINY, "data.root": root, "train.output_dir": out, **extra}
+    values = {**TINY, "data.root": root, "run.output_dir": out, **extra}
     return [f"{k}={v}" for k, v in values.items()]
 
 
@@ -374,7 +374,7 @@ def malformed_invocations(ctx) -> Outcome:
         (["optim.epochs=0"], "must be > 0"),
         (["loss.drop_prob=2"], "[0, 1]"),
         (["data.dataset=coco"], "choose one of"),
-        (["train.precision=fp8"], "choose one of"),
+        (["run.precision=fp8"], "choose one of"),
         (["udon.sampling=random"], "choose one of"),
         (["heads.name=softmax"], "heads.name"),
         (["heads.name=arcface", "heads.h=0.3"], "does not apply"),

@@ -9,4 +9,4 @@ N_GPUS=${N_GPUS:-$(python -c "import torch; print(max(torch.cuda.device_count(),
 CONFIG=${CONFIG:-unic/configs/unic_vitb16_in1k.yaml}
 OUTPUT_DIR=${OUTPUT_DIR:-output/$(basename "${CONFIG}" .yaml)}
 exec torchrun --standalone --nproc_per_node "${N_GPUS}" main_unic.py --config "${CONFIG}" \
-    train.output_dir="${OUTPUT_DIR}" "$@"
+    run.output_dir="${OUTPUT_DIR}" "$@"

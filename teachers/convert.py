@@ -9,13 +9,12 @@ its position embedding resampled with its own rule first (``teachers.pos_embed``
 
 from __future__ import annotations
 
-import os
-import pickle
 
 import torch
 from torch import nn
 
 from teachers.pos_embed import resample_pos_embed
+from unic.io import CheckpointFormatError, load_weights_file  # noqa: F401 - re-exported by teachers
 
 # where the backbone state dict sits, prefixes to strip, key prefixes to drop
 FORMATS: dict[str, dict] = {
@@ -27,31 +26,6 @@ FORMATS: dict[str, dict] = {
     "dinov2": {"keys": ("teacher", "model"), "strip": ("module.", "backbone."), "drop": ("head.", "dino_head.", "ibot_head.")},
     "clip": {"keys": ("state_dict",), "strip": ("module.",), "drop": ()},
 }
-
-
-class CheckpointFormatError(ValueError):
-    """A file that is not a checkpoint of the expected kind."""
-
-
-def load_weights_file(path: str) -> dict:
-    """Read a state dict from ``.safetensors`` or a weights-only torch file; never unpickles code."""
-    path = os.path.expanduser(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path, device="cpu")
-    try:
-        # mmap: a multi-GB teacher is paged in as it is copied to the model, not held twice in RAM per rank
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointFormatError(
-            f"{path} is not a weights-only checkpoint (it holds pickled Python objects, which are refused "
-            f"because loading them can run code): {str(err).splitlines()[0]}"
-        ) from None
-    except RuntimeError as err:  # zip/TorchScript archives, truncated files
-        raise CheckpointFormatError(f"{path} is not a readable torch checkpoint: {str(err).splitlines()[0]}") from None
 
 
 def _unwrap(state: dict, keys: tuple[str, ...]) -> dict:

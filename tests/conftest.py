@@ -60,7 +60,7 @@ def tiny_overrides(demo_root: str, output_dir: str, **extra) -> list[str]:
         "ladder.last_hidden_dim": 64,
         "optim.epochs": 1,
         "optim.warmup_epochs": 0.5,
-        "train.output_dir": output_dir,
+        "run.output_dir": output_dir,
         "train.log_every": 2,
     }
     values.update(extra)

@@ -15,6 +15,7 @@ from unic.config import load_config
 from unic.data.folders import ImageListDataset
 from unic.data.transforms import eval_transform
 from unic.data.uned import read_info_file
+from unic.io import CheckpointWriteError, load_checkpoint
 from unic.train import checkpoint as ckpt_lib
 from unic.train import faults
 
@@ -44,9 +45,9 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, inject):
     path = tmp_path / "checkpoint.pth"
     ckpt_lib.atomic_save({"step": 1, "w": torch.ones(3)}, str(path), step=1)
     inject("save_enospc:step=2")
-    with pytest.raises(ckpt_lib.CheckpointWriteError, match="previous checkpoint is intact"):
+    with pytest.raises(CheckpointWriteError, match="previous checkpoint is intact"):
         ckpt_lib.atomic_save({"step": 2, "w": torch.zeros(10000)}, str(path), step=2)
-    state = ckpt_lib.load_checkpoint(str(path))
+    state = load_checkpoint(str(path))
     assert state["step"] == 1 and not glob.glob(str(tmp_path / ".*.tmp*"))
 
 
@@ -54,7 +55,7 @@ def test_partial_files_are_never_loaded_and_are_cleaned(tmp_path):
     ckpt_lib.atomic_save({"step": 4}, str(tmp_path / "checkpoint.pth"))
     partial = tmp_path / ".checkpoint.pth.tmp1234"
     partial.write_bytes(b"PK\x03\x04 half a zip")  # what a killed writer leaves
-    assert ckpt_lib.load_checkpoint(str(tmp_path / "checkpoint.pth"))["step"] == 4
+    assert load_checkpoint(str(tmp_path / "checkpoint.pth"))["step"] == 4
     assert ckpt_lib.remove_partial_files(str(tmp_path)) == [str(partial)]
 
 
@@ -63,7 +64,7 @@ def test_periodic_checkpoints_pruned_only_after_a_complete_write(tmp_path, injec
         ckpt_lib.atomic_save({"step": step}, ckpt_lib.periodic_path(str(tmp_path), step), step=step)
         ckpt_lib.prune_periodic(str(tmp_path), 2)
     inject("save_enospc:step=6")
-    with pytest.raises(ckpt_lib.CheckpointWriteError):
+    with pytest.raises(CheckpointWriteError):
         ckpt_lib.atomic_save({"step": 6, "w": torch.zeros(10000)}, ckpt_lib.periodic_path(str(tmp_path), 6), step=6)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint_step00000002.pth", "checkpoint_step00000004.pth"]
 
@@ -125,7 +126,7 @@ def test_consecutive_nan_steps_stop_with_last_good_checkpoint(tmp_path, demo_roo
     trainer = _tiny_trainer(tmp_path, demo_root, **{"train.save_every": 4, "train.max_bad_steps": 3})
     with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite steps.*checkpoint.pth"):
         trainer.train()
-    assert ckpt_lib.load_checkpoint(trainer.checkpoint_path)["step"] == 4
+    assert load_checkpoint(trainer.checkpoint_path)["step"] == 4
     trainer.close()
 
 

@@ -32,7 +32,7 @@ from unic.eval.retrieval import (
     top_neighbors,
 )
 from unic.eval.search import search_torch
-from unic.train.checkpoint import load_checkpoint
+from unic.io import load_checkpoint
 
 DEMO_DOMAINS = ("digits", "shapes", "gratings", "blobs")
 

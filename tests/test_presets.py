@@ -137,7 +137,7 @@ def test_list_settings_replace_the_default():
 def test_plan_entry_point_prints_and_writes_without_training(tmp_path, capsys):
     out = tmp_path / "plan_run"
     code = train_main(["--config", os.path.join(CONFIGS, "unic_vitb16_in1k.yaml"), "data.root=/nonexistent",
-                       f"train.output_dir={out}", "--plan", "--world_size", "4"])
+                       f"run.output_dir={out}", "--plan", "--world_size", "4"])
     assert code == 0
     text = capsys.readouterr().out
     assert "141.7M params" in text and "global 512 = 4 x 128" in text
@@ -145,5 +145,5 @@ def test_plan_entry_point_prints_and_writes_without_training(tmp_path, capsys):
     assert plan["ladder"]["params"] == 141_723_648 and plan["world_size"] == 4
     assert sorted(os.listdir(out)) == ["plan.json"]  # nothing trained, no checkpoint or config
     assert train_main(["--config", os.path.join(CONFIGS, "unic_vitb16_in1k.yaml"), "--plan", "--world_size", "3",
-                       f"train.output_dir={tmp_path / 'x'}"]) == 2
+                       f"run.output_dir={tmp_path / 'x'}"]) == 2
     assert "not divisible" in capsys.readouterr().err

@@ -16,7 +16,7 @@ import torch
 from tests.conftest import REPO, run_entry, tiny_overrides
 
 import unic
-from unic.train.checkpoint import load_checkpoint
+from unic.io import load_checkpoint
 
 
 def _metrics(out_dir, split="train"):

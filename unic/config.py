@@ -16,6 +16,7 @@ import difflib
 import json
 import os
 from dataclasses import dataclass, field
+from collections.abc import Collection, Sequence
 from typing import Any, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -31,6 +32,46 @@ DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs"
 
 class ConfigError(ValueError):
     """A user error in the configuration: reported as one line, exit code 2."""
+
+
+# ------------------------------------------------------------------------------------------------------------
+# groups shared by every entry point (same names, same checks)
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Where results go and what runs them (every entry point)."""
+
+    output_dir: Optional[str] = None  # results folder (None: derived from the model and data)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # autocast dtype: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """The encoder an evaluation reads (unic.eval.encoders.load_encoder)."""
+
+    # UNIC checkpoint.pth / student.pth / universal.pth, timm:<model>[.<tag>] or open_clip:<model>:<tag>
+    source: Optional[str] = None
+    weights: Optional[str] = None  # local weights file of a timm:/open_clip: model (else the hub)
+    # auto (universal when the file has one, else backbone), backbone (cls), universal, oracle (each
+    # domain's own teacher head) or domain:<name>
+    embedding: str = "auto"
+
+
+@dataclass(kw_only=True)
+class LoaderConfig:
+    """The data an entry point reads and how it is loaded (every entry point's ``data`` group)."""
+
+    dataset: str = ""  # a name of the dataset registry (unic.data.registry)
+    root: Optional[str] = None  # the dataset's folder
+    batch_size_per_gpu: int = 128  # images per process and step
+    num_workers: int = 8  # data-loading workers per process (at most the machine's CPU count)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# training (main_unic.py)
 
 
 @dataclass(kw_only=True)
@@ -104,17 +145,17 @@ class UdonConfig:
 
 
 @dataclass(kw_only=True)
-class DataConfig:
+class DataConfig(LoaderConfig):
     dataset: str = "demo"  # demo | imagenet | uned
-    root: str = "~/.cache/unic/demo"  # demo: generated here on first use
+    root: Optional[str] = "~/.cache/unic/demo"  # demo: generated here on first use
     domains: list[str] = field(default_factory=list)  # uned/demo: domains to use (empty = all)
     train_split: str = "train"
     val_split: str = "val"
     batch_size_per_gpu: int = 64
+    num_workers: int = 2
     # the global batch; when set, the per-GPU batch is global_batch / world size (which must divide it) and
     # batch_size_per_gpu is ignored, so a recipe does not depend on the number of GPUs
     global_batch: Optional[int] = None
-    num_workers: int = 2
     knn_train_fraction: float = 1.0  # fraction of the train split used as the kNN bank at validation
     worker_timeout_s: float = 600.0  # a data worker silent for this long is an error, not a hang
 
@@ -147,11 +188,12 @@ class LossConfig:
 
 
 @dataclass(kw_only=True)
+class TrainRunConfig(RunConfig):
+    output_dir: Optional[str] = "output/demo"
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
-    output_dir: str = "output/demo"
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
     log_every: int = 10  # steps between console/TensorBoard lines
     save_every: int = 0  # steps between periodic checkpoints (0: epoch ends only)
     keep_checkpoints: int = 1  # periodic checkpoint_stepN.pth files kept besides checkpoint.pth
@@ -175,12 +217,16 @@ class UnicConfig:
     udon: UdonConfig = field(default_factory=UdonConfig)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    run: TrainRunConfig = field(default_factory=TrainRunConfig)
+
+    @staticmethod
+    def check(cfg: DictConfig) -> None:
+        _validate(cfg)
 
 
+COMMON_CHOICES = {"run.device": ("auto", "cpu", "cuda"), "run.precision": ("auto", "bf16", "fp16", "fp32")}
 _CHOICES = {
     "data.dataset": ("demo", "imagenet", "uned"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "udon.sampling": ("dynamic", "round_robin", "size", "uniform"),
     "ladder.last_tap": ("raw", "normed"),
     "optim.clip_mode": ("global", "per_param"),
@@ -203,31 +249,71 @@ def _all_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
     return keys
 
 
+def closest_key(key: str, keys: Sequence[str]) -> str | None:
+    """The valid key a mistyped one most likely means: its leaf names a valid key's leaf (``lr`` ->
+    ``optim.lr``, ``run.seed`` -> ``run.seed``), else the closest full key."""
+    leaf = key.rsplit(".", 1)[-1]
+    leaves: dict[str, list[str]] = {}
+    for full in keys:
+        leaves.setdefault(full.rsplit(".", 1)[-1], []).append(full)
+    if leaf in leaves:
+        return min(leaves[leaf], key=lambda full: -difflib.SequenceMatcher(None, key, full).ratio())
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    if close:
+        return close[0]
+    close = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.75)
+    return leaves[close[0]][0] if close else None
+
+
 def _explain(err: OmegaConfBaseException, schema: DictConfig, source: str) -> ConfigError:
     key = getattr(err, "full_key", None) or ""
     msg = str(err).splitlines()[0]
     if isinstance(err, ConfigKeyError) and key:
-        close = difflib.get_close_matches(key, _all_keys(schema), n=1, cutoff=0.5)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+        close = closest_key(key, _all_keys(schema))
+        hint = f"; did you mean '{close}'?" if close else ""
         return ConfigError(f"unknown config key '{key}' in {source}{hint}")
     where = f"'{key}'" if key else "config"
     return ConfigError(f"invalid value for {where} in {source}: {msg}")
 
 
-def _validate(cfg: DictConfig) -> None:
-    for key, choices in _CHOICES.items():
+def check_choices(cfg: DictConfig, choices: dict[str, Collection[str]]) -> None:
+    """Each ``key`` of ``choices`` holds one of its values (a ConfigError naming them otherwise)."""
+    for key, allowed in choices.items():
         value = OmegaConf.select(cfg, key)
-        if value not in choices:
-            raise ConfigError(f"invalid value for '{key}': {value!r}; choose one of {', '.join(choices)}")
+        if value not in allowed:
+            raise ConfigError(f"invalid value for '{key}': {value!r}; choose one of {', '.join(map(str, allowed))}")
+
+
+def check_range(cfg: DictConfig, positive: Sequence[str] = (), non_negative: Sequence[str] = (),
+                unit: Sequence[str] = ()) -> None:
+    """Numeric settings: ``positive`` > 0, ``non_negative`` >= 0, ``unit`` in [0, 1]; None (unset) passes."""
+    for keys, ok, what in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
+                           (unit, lambda v: 0.0 <= v <= 1.0, "in [0, 1]")):
+        for key in keys:
+            value = OmegaConf.select(cfg, key)
+            if value is not None and not ok(value):
+                raise ConfigError(f"invalid value for '{key}': must be {what}, got {value}")
+
+
+def _check_common(cfg: DictConfig) -> None:
+    """The checks of the shared groups, for any schema that has them."""
+    check_choices(cfg, {key: values for key, values in COMMON_CHOICES.items() if OmegaConf.select(cfg, key.split(".")[0]) is not None})
+    if "data" in cfg and "batch_size_per_gpu" in cfg.data:
+        check_range(cfg, positive=["data.batch_size_per_gpu"], non_negative=["data.num_workers"])
+
+
+def _validate(cfg: DictConfig) -> None:
+    """The training schema's checks (:class:`UnicConfig`)."""
+    check_choices(cfg, _CHOICES)
     positive = [
-        "student.img_size", "data.batch_size_per_gpu", "optim.epochs", "ladder.hidden_dim",
+        "student.img_size", "optim.epochs", "ladder.hidden_dim",
         "ladder.last_hidden_dim", "train.log_every", "train.max_bad_steps", "train.collective_timeout_s",
     ]
     for key in positive:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"invalid value for '{key}': must be > 0, got {OmegaConf.select(cfg, key)}")
     non_negative = [
-        "data.num_workers", "optim.warmup_epochs", "optim.lr", "optim.min_lr", "optim.weight_decay",
+        "optim.warmup_epochs", "optim.lr", "optim.min_lr", "optim.weight_decay",
         "optim.clip_grad", "udon.window_reset_every", "train.save_every", "train.max_steps", "train.keep_checkpoints",
         "data.worker_timeout_s", "student.drop_path",
     ]
@@ -366,14 +452,31 @@ def derived_schedule(cfg: DictConfig, global_batch: int, steps_per_epoch: int) -
     }
 
 
+def packaged_presets() -> list[str]:
+    """The names of the presets shipped in ``unic/configs`` (``--config <name>`` finds them anywhere)."""
+    return sorted(name[: -len(".yaml")] for name in os.listdir(CONFIG_DIR) if name.endswith(".yaml"))
+
+
+def resolve_config_file(name: str) -> str:
+    """A ``--config`` value as a file: a path as given, else the packaged preset of that name
+    (``unic_vitb16_in1k`` or ``unic_vitb16_in1k.yaml``), so presets can be named outside the checkout."""
+    if os.path.isfile(os.path.expanduser(name)):
+        return os.path.expanduser(name)
+    stem = os.path.basename(name)
+    packaged = os.path.join(CONFIG_DIR, stem if stem.endswith((".yaml", ".yml")) else f"{stem}.yaml")
+    if os.sep not in name.replace("unic/configs/", "") and os.path.isfile(packaged):
+        return packaged
+    raise ConfigError(f"config file not found: {name} (packaged presets: {', '.join(packaged_presets())})")
+
+
 def load_config(config_file: str | None = None, overrides: list[str] | None = None, schema=UnicConfig) -> DictConfig:
-    """Build the run configuration: schema defaults <- YAML file <- ``key=value`` overrides."""
+    """Build the configuration of ``schema``: its defaults <- YAML file (a path or a packaged preset name)
+    <- ``key=value`` overrides; then the shared groups' checks and the schema's own ``check(cfg)``."""
     base = OmegaConf.structured(schema)
     dict_paths = _free_dicts(base)
     cfg = base
     if config_file:
-        if not os.path.isfile(config_file):
-            raise ConfigError(f"config file not found: {config_file}")
+        config_file = resolve_config_file(config_file)
         try:
             file_cfg = OmegaConf.load(config_file)
         except Exception as err:  # YAML syntax errors
@@ -394,7 +497,9 @@ def load_config(config_file: str | None = None, overrides: list[str] | None = No
                 cfg = _merge_replacing(cfg, OmegaConf.from_dotlist([item]), [key] if key in dict_paths else [])
         except OmegaConfBaseException as err:
             raise _explain(err, base, "command-line overrides") from None
-    _validate(cfg)
+    _check_common(cfg)
+    if hasattr(schema, "check"):
+        schema.check(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
@@ -405,7 +510,9 @@ def to_plain(cfg: DictConfig) -> dict:
 
 
 RESUME_KEYS = ("student", "ladder", "teachers.names", "udon", "heads", "loss.w_distill", "loss.w_udon",
-               "data.dataset", "data.domains", "optim.epochs", "train.seed")
+               "data.dataset", "data.domains", "optim.epochs", "run.seed")
+# settings that moved: (old path, new path), applied to the configs of older checkpoints
+MOVED_KEYS = tuple((f"train.{key}", f"run.{key}") for key in ("output_dir", "seed", "device", "precision"))
 RESUME_IGNORED = ("heads.init",)  # inside RESUME_KEYS, but replaced by the checkpoint's state on resume
 
 
@@ -432,6 +539,10 @@ def resume_mismatches(saved: dict, cfg: DictConfig, saved_world: int | None = No
         return ["the checkpoint holds no config"]
     schema = OmegaConf.structured(UnicConfig)
     saved = json.loads(json.dumps(saved))  # a plain, private copy
+    for old, new in MOVED_KEYS:
+        (old_group, old_key), (new_group, new_key) = old.split("."), new.split(".")
+        if old_key in saved.get(old_group, {}):
+            saved.setdefault(new_group, {}).setdefault(new_key, saved[old_group].pop(old_key))
     # whole sections added later: the runs written before them had UDON off
     if "udon" not in saved:
         saved["udon"] = {"enabled": False}
@@ -466,5 +577,7 @@ def resume_mismatches(saved: dict, cfg: DictConfig, saved_world: int | None = No
 
 
 def save_config(cfg: DictConfig, path: str) -> None:
-    with open(path, "w") as f:
-        f.write(OmegaConf.to_yaml(cfg, resolve=True))
+    """Write the resolved configuration as YAML (atomically)."""
+    from unic.io import write_text
+
+    write_text(path, OmegaConf.to_yaml(cfg, resolve=True))

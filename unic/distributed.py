@@ -22,13 +22,37 @@ logger = logging.getLogger(__name__)
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of a precision setting: auto = bf16 on CUDA, fp32 (no autocast) on CPU."""
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """A precision setting on ``device``: auto = bf16 on CUDA, fp32 (no autocast) on CPU."""
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+        return "bf16" if device.type == "cuda" else "fp32"
     if precision not in AUTOCAST_DTYPES:
         raise ValueError(f"unknown precision {precision!r}: auto, bf16, fp16 or fp32")
-    return AUTOCAST_DTYPES[precision]
+    return precision
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a precision setting (None: no autocast)."""
+    return AUTOCAST_DTYPES[resolve_precision(precision, device)]
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` (CUDA when available), ``cpu`` or ``cuda`` as this rank's device; a clear error for CUDA
+    requested on a machine without it."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}: auto, cpu or cuda")
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda was requested but CUDA is not available")
+    return torch.device("cuda", get_local_rank()) if use_cuda else torch.device("cpu")
+
+
+def worker_count(requested: int) -> int:
+    """Data-loading workers per process: ``requested``, at most the CPUs this process may use shared by
+    the processes of this machine (so small machines are not oversubscribed and PyTorch does not warn)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(0, min(requested, cpus // max(local, 1) if cpus >= local else 1))
 
 
 def is_enabled() -> bool:
@@ -60,14 +84,10 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> torch.d
 
     ``device``: "auto" (CUDA when available), "cpu" or "cuda".
     """
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda was requested but CUDA is not available")
+    torch_device = resolve_device(device)
+    use_cuda = torch_device.type == "cuda"
     if use_cuda:
-        torch.cuda.set_device(get_local_rank())
-        torch_device = torch.device("cuda", get_local_rank())
-    else:
-        torch_device = torch.device("cpu")
+        torch.cuda.set_device(torch_device)
     if launched_by_torchrun() and not is_enabled():
         backend = "nccl" if use_cuda else "gloo"
         timeout = datetime.timedelta(seconds=timeout_s)

@@ -114,7 +114,7 @@ def _unic_heads(ckpt: dict) -> tuple[dict | None, dict[str, dict]]:
 
 def load_domain_encoders(path: str, domains: Sequence[str], device: str | torch.device = "cpu") -> dict[str, Encoder]:
     """Each domain's own teacher head on one shared backbone (the specialist "oracle" row UDON reports)."""
-    from unic.train.checkpoint import load_checkpoint
+    from unic.io import load_checkpoint
 
     _, heads = _unic_heads(load_checkpoint(path))
     missing = [domain for domain in domains if domain not in heads]
@@ -131,7 +131,7 @@ def load_domain_encoders(path: str, domains: Sequence[str], device: str | torch.
 
 def _from_unic_file(path: str, embedding: str) -> Encoder:
     from unic.models.student import backbone_from_checkpoint
-    from unic.train.checkpoint import load_checkpoint
+    from unic.io import load_checkpoint
 
     ckpt = load_checkpoint(path)
     backbone = backbone_from_checkpoint(ckpt, path)

@@ -34,7 +34,7 @@ def extract_features(
     rank, world = distributed.get_rank(), distributed.get_world_size()
     loader = DataLoader(
         dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rank, world),
-        num_workers=num_workers, pin_memory=device.type == "cuda",
+        num_workers=distributed.worker_count(num_workers), pin_memory=device.type == "cuda",
         generator=torch.Generator(),  # leaves the global RNG untouched (exact resume)
     )
     feats, labels, domains, indices, item_skipped = [], [], [], [], []

@@ -373,3 +373,20 @@ def evaluate_uned(
 
 def _average(values: Mapping[str, np.ndarray]) -> dict[str, float]:
     return {name: float(np.mean(per_query)) for name, per_query in values.items()}
+
+
+def universal_recall(feats: torch.Tensor, labels: torch.Tensor, domains: torch.Tensor, names: Sequence[str]) -> dict[str, float]:
+    """Leave-one-out R@1 of each domain's val set in its own index (SPEC section 8, "separate"): the universal
+    embedding's score at validation during training."""
+    per_domain = {}
+    for d, name in enumerate(names):
+        mask = domains == d
+        if int(mask.sum()) >= 2:
+            per_domain[name] = {"val": (feats[mask].numpy(), labels[mask].numpy())}
+    if not per_domain:
+        return {}
+    results = evaluate_uned(per_domain, pairs={d: ("val", "val") for d in per_domain}, mode="separate",
+                            metrics=("R@1",), progress=False)
+    out = {f"universal_R@1/{d}": float(r["R@1"]) for d, r in results.items() if d != "average"}
+    out["universal_R@1"] = float(results["average"]["R@1"])
+    return out

@@ -96,6 +96,6 @@ def backbone_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> nn.Modul
 
 def load_student(path: str, device: str = "cpu") -> nn.Module:
     """Rebuild the student backbone from a training checkpoint or an exported ``student.pth``."""
-    from unic.train.checkpoint import load_checkpoint
+    from unic.io import load_checkpoint
 
     return backbone_from_checkpoint(load_checkpoint(path), path).to(device)

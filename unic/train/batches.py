@@ -7,9 +7,11 @@ from torch.utils.data import DataLoader
 
 from unic.data.folders import ImageListDataset
 from unic.data.sampling import DomainBatchSampler, DomainSampler, GlobalBatchSampler
+from unic.distributed import worker_count
 
 
 def _loader(dataset, batch_sampler, num_workers: int, pin: bool, timeout_s: float) -> DataLoader:
+    num_workers = worker_count(num_workers)
     # a private generator keeps DataLoader start-up from consuming the global RNG (exact resume);
     # the timeout turns a stuck worker (dead network file system, ...) into an error instead of a hang
     return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers, pin_memory=pin,

@@ -11,48 +11,18 @@ import re
 import numpy as np
 import torch
 
+from unic.io import save_checkpoint
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pth"
 
 
-class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (full disk, ...); the previous one is intact."""
-
-
 def atomic_save(obj, path: str, step: int | None = None) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: readers see old or new, never half.
-
-    A failed write (full disk, killed process) leaves the previous file untouched; the temporary file is
-    removed when the process survives, and is never picked up by a loader when it does not (its name is
-    not ``path``). ``step`` only serves the chaos suite's fault injection.
-    """
+    """:func:`unic.io.save_checkpoint`; ``step`` only serves the chaos suite's fault injection."""
     from unic.train import faults
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, faults.wrap_checkpoint_file(f, step) if step is not None else f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException as err:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(err, (OSError, RuntimeError)):  # torch.save re-raises write errors as RuntimeError
-            cause = err
-            while cause is not None and not isinstance(cause, OSError):
-                cause = cause.__cause__ or cause.__context__
-            reason = (cause.strerror or str(cause)) if cause is not None else str(err).splitlines()[0]
-            raise CheckpointWriteError(f"could not write {path} ({reason}); the previous checkpoint is intact") from None
-        raise
+    save_checkpoint(obj, path, (lambda f: faults.wrap_checkpoint_file(f, step)) if step is not None else None)
 
 
 def remove_partial_files(folder: str) -> list[str]:
@@ -62,16 +32,6 @@ def remove_partial_files(folder: str) -> list[str]:
         os.remove(tmp)
         removed.append(tmp)
     return removed
-
-
-def load_checkpoint(path: str) -> dict:
-    """Load a training checkpoint or exported file with ``weights_only=True``; clear errors otherwise."""
-    from teachers.convert import load_weights_file
-
-    ckpt = load_weights_file(path)
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"{path} is not a UNIC checkpoint (top level is {type(ckpt).__name__})")
-    return ckpt
 
 
 def rng_state() -> dict:

@@ -27,10 +27,12 @@ from unic.data.sampling import DomainSampler, GlobalBatchSampler
 from unic.data.transforms import eval_transform, udon_train_transform, uned_eval_transform, unic_train_transform
 from unic.data.uned import uned_dataset
 from unic.eval.features import extract_features
+from unic.eval.metrics import universal_recall
 from unic.models.ladder import Ladder, UnicModel
 from unic.models.student import backbone_embedding, backbone_state_dict, build_student
 from unic.models.teacher import teacher_key
 from unic.models.teacher import FrozenTeacher
+from unic.io import CheckpointWriteError, load_checkpoint
 from unic.train import checkpoint as ckpt_lib
 from unic.train import faults
 from unic.train.logger import MetricsWriter, setup_logging
@@ -66,12 +68,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
 
 
 def build_datasets(cfg: DictConfig, udon: bool) -> tuple[ImageListDataset, ImageListDataset | None, ImageListDataset | None]:
@@ -130,7 +126,7 @@ def build_backbone(cfg: DictConfig, load_pretrained: bool = True) -> nn.Module:
     if load_pretrained and cfg.student.pretrained:
         from teachers.convert import load_into
 
-        state = ckpt_lib.load_checkpoint(cfg.student.pretrained)
+        state = load_checkpoint(cfg.student.pretrained)
         load_into(backbone, backbone_state_dict(state), "timm", cfg.student.pretrained)
     if final_norm_frozen(cfg):
         # UNIC: the ladder reads the raw last block, so the final norm takes no part in training and keeps
@@ -166,14 +162,14 @@ class Trainer:
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
-        self.device = distributed.init_distributed(cfg.train.device, cfg.train.collective_timeout_s)
+        self.device = distributed.init_distributed(cfg.run.device, cfg.train.collective_timeout_s)
         self.rank, self.world = distributed.get_rank(), distributed.get_world_size()
         self.global_batch, self.batch_per_gpu = resolve_batch(cfg, self.world)
         setup_logging(None)
-        self.precision = resolve_precision(cfg.train.precision, self.device)
-        if self.precision != "fp32" and self.device.type == "cpu" and cfg.train.precision != "auto":
+        self.precision = distributed.resolve_precision(cfg.run.precision, self.device)
+        if self.precision != "fp32" and self.device.type == "cpu" and cfg.run.precision != "auto":
             logger.warning("%s autocast on CPU is slow; fp32 is the CPU default", self.precision)
-        seed_everything(cfg.train.seed)
+        seed_everything(cfg.run.seed)
         self.distill, self.udon = objectives(cfg)
 
         # everything that can fail on user input is built before the output folder exists
@@ -210,7 +206,7 @@ class Trainer:
         if cfg.train.compile:
             self.model.compile()  # compiles UnicModel.__call__ in place: state dict keys unchanged
         # a different RNG stream per rank from here on (stochastic depth), identical weights above
-        torch.manual_seed(cfg.train.seed + 1000 * self.rank)
+        torch.manual_seed(cfg.run.seed + 1000 * self.rank)
         self.ddp_model = (
             DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             if self.world > 1 else self.model
@@ -233,12 +229,12 @@ class Trainer:
                                       "or drop the domain")
             self.domain_sampler = DomainSampler(
                 [sum(1 for _, _, d in self.train_set.samples if d == i) for i in range(len(self.domains))],
-                cfg.udon.sampling, cfg.udon.update_every, cfg.train.seed, self.device, cfg.udon.window_reset_every,
+                cfg.udon.sampling, cfg.udon.update_every, cfg.run.seed, self.device, cfg.udon.window_reset_every,
             )
-            self.batches = DomainBatches(self.train_set, self.global_batch, self.rank, self.world, cfg.train.seed,
+            self.batches = DomainBatches(self.train_set, self.global_batch, self.rank, self.world, cfg.run.seed,
                                          self.domain_sampler, cfg.data.num_workers, pin, cfg.data.worker_timeout_s)
         else:
-            sampler = GlobalBatchSampler(len(self.train_set), self.global_batch, self.rank, self.world, cfg.train.seed)
+            sampler = GlobalBatchSampler(len(self.train_set), self.global_batch, self.rank, self.world, cfg.run.seed)
             self.batches = EpochBatches(self.train_set, sampler, cfg.data.num_workers, pin, cfg.data.worker_timeout_s)
         derived = derived_schedule(cfg, self.global_batch, self.steps_per_epoch)
         self.total_steps, self.max_steps = derived["total_steps"], derived["run_steps"]
@@ -257,7 +253,7 @@ class Trainer:
         }
         self.wd_schedule = cosine_schedule(cfg.optim.weight_decay, cfg.optim.weight_decay_end, self.total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.train.seed + 1)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.run.seed + 1)
         self.task = UnicTask(
             self.ddp_model, self.total_steps, self.teachers, self.standardizer, self.domain_heads, self.patch_size,
             torch.tensor(list(cfg.student.mean), device=self.device), torch.tensor(list(cfg.student.std), device=self.device),
@@ -273,7 +269,7 @@ class Trainer:
         self._saved_step = -1
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
-        self.output_dir = os.path.abspath(os.path.expanduser(cfg.train.output_dir))
+        self.output_dir = os.path.abspath(os.path.expanduser(cfg.run.output_dir))
         self.checkpoint_path = os.path.join(self.output_dir, ckpt_lib.CHECKPOINT_NAME)
         resume_state = None
         if cfg.train.resume and os.path.isfile(self.checkpoint_path):
@@ -357,13 +353,13 @@ class Trainer:
                     ckpt_lib.atomic_save(state, ckpt_lib.periodic_path(self.output_dir, self.step), self.step)
                     ckpt_lib.prune_periodic(self.output_dir, self.cfg.train.keep_checkpoints)
                 logger.info("saved checkpoint at step %d to %s", self.step, self.checkpoint_path)
-            except ckpt_lib.CheckpointWriteError as err:
+            except CheckpointWriteError as err:
                 error = err
         failed = distributed.all_reduce_max(torch.tensor([float(error is not None)], device=self.device))
         if error is not None:
             raise error
         if failed.item() > 0:
-            raise ckpt_lib.CheckpointWriteError(f"rank 0 could not write {self.checkpoint_path}")
+            raise CheckpointWriteError(f"rank 0 could not write {self.checkpoint_path}")
         self._saved_step = self.step
 
     def write_bad_file_report(self) -> None:
@@ -384,7 +380,7 @@ class Trainer:
         """Load a training checkpoint and check it belongs to this configuration (else a clear error)."""
         from teachers.convert import CheckpointFormatError
 
-        state = ckpt_lib.load_checkpoint(path)
+        state = load_checkpoint(path)
         if state.get("format") != "unic-train":
             raise CheckpointFormatError(f"{path} is not a UNIC training checkpoint (format {state.get('format')!r})")
         diffs = resume_mismatches(state.get("config") or {}, self.cfg, state.get("world_size"), self.world)
@@ -393,7 +389,7 @@ class Trainer:
         if diffs:
             raise ConfigError(
                 f"cannot resume from {path}, written with other settings ({'; '.join(diffs)}); use another "
-                "train.output_dir, or train.resume=false to start over there"
+                "run.output_dir, or train.resume=false to start over there"
             )
         return state
 
@@ -411,7 +407,7 @@ class Trainer:
         except (RuntimeError, ValueError, KeyError) as err:
             raise CheckpointFormatError(
                 f"cannot resume from {path}: it was written by a different model or configuration "
-                f"({str(err).splitlines()[0][:300]}); use another train.output_dir or train.resume=false"
+                f"({str(err).splitlines()[0][:300]}); use another run.output_dir or train.resume=false"
             ) from None
         self.scaler.load_state_dict(state["scaler"])
         if self.standardizer is not None:
@@ -686,24 +682,6 @@ def _readable_rows(out: dict) -> dict:
     """Drop the rows of images that were unreadable (the loader put another image there)."""
     keep = out["item_skipped"] == 0
     return {k: (v[keep] if torch.is_tensor(v) and v.dim() > 0 and len(v) == len(keep) else v) for k, v in out.items()}
-
-
-def universal_recall(feats: torch.Tensor, labels: torch.Tensor, domains: torch.Tensor, names: list[str]) -> dict[str, float]:
-    """Leave-one-out R@1 of each domain's val set in its own index (SPEC section 8, "separate")."""
-    from unic.eval.metrics import evaluate_uned
-
-    per_domain = {}
-    for d, name in enumerate(names):
-        mask = domains == d
-        if int(mask.sum()) >= 2:
-            per_domain[name] = {"val": (feats[mask].numpy(), labels[mask].numpy())}
-    if not per_domain:
-        return {}
-    results = evaluate_uned(per_domain, pairs={d: ("val", "val") for d in per_domain}, mode="separate",
-                            metrics=("R@1",), progress=False)
-    out = {f"universal_R@1/{d}": float(r["R@1"]) for d, r in results.items() if d != "average"}
-    out["universal_R@1"] = float(results["average"]["R@1"])
-    return out
 
 
 def _hms(seconds: float) -> str:

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from unic.config import derived_schedule, objectives, resolve_batch
-from unic.distributed import AUTOCAST_DTYPES
+from unic.distributed import AUTOCAST_DTYPES, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -89,13 +89,13 @@ def _saved_bytes(fn, exclude: list[torch.Tensor]) -> int:
 def build_plan(cfg: DictConfig, world_size: int = 1, num_train_images: int | None = None,
                device: torch.device | None = None) -> dict:
     """The plan of ``cfg`` on ``world_size`` processes; ``num_train_images`` when the train split is known,
-    ``device`` the one the run uses (default: CUDA unless ``train.device=cpu``, the target of a real run)."""
+    ``device`` the one the run uses (default: CUDA unless ``run.device=cpu``, the target of a real run)."""
     from unic.models.ladder import UnicModel
-    from unic.train.loop import build_backbone, build_ladder, build_teachers, resolve_precision
+    from unic.train.loop import build_backbone, build_ladder, build_teachers
 
     distill, udon = objectives(cfg)
-    device = device or torch.device("cpu" if cfg.train.device == "cpu" else "cuda")
-    precision = resolve_precision(cfg.train.precision, device)
+    device = device or torch.device("cpu" if cfg.run.device == "cpu" else "cuda")
+    precision = resolve_precision(cfg.run.precision, device)
     global_batch, per_gpu = resolve_batch(cfg, world_size)
     plan: dict = {"world_size": world_size, "device": device.type}
 

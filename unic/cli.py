@@ -1,0 +1,107 @@
+"""The one command-line style of every entry point: ``[--config F] [key=value ...]`` over a dataclass schema.
+
+Each entry point (``main_unic.py``, ``main_retrieval.py``, ``eval_transfer/main_ft_extract.py``,
+``eval_transfer/main_clf.py``, ``eval_dense/eval_semseg.py``, ``scripts/bench_train.py``) declares an OmegaConf
+dataclass schema made of the shared groups of :mod:`unic.config` (``run``, ``model``, ``data``) and its own,
+and calls :func:`parse`. The merge, the validation with closest-key hints and the resolved-config file are
+those of :func:`unic.config.load_config`; ``--help`` lists every key with its default and comment.
+A few flags that are actions, not settings (``main_unic.py --plan``), are declared by the entry point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import os
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from unic.config import load_config, packaged_presets, save_config
+
+_COMMENT = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(?P<comment>.+)$")
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """``{field: its trailing # comment}`` read from the schema's source (empty when it cannot be read)."""
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            lines = inspect.getsource(klass).splitlines()
+        except (OSError, TypeError):
+            continue
+        for line in lines:
+            match = _COMMENT.match(line)
+            if match:
+                comments[match.group(1)] = match.group("comment").strip()
+    return comments
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, str):
+        return repr(value) if value == "" else value
+    return "null" if value is None else str(value).replace("'", "")
+
+
+def describe(schema: type, prefix: str = "") -> list[str]:
+    """``key = default  # comment`` for every setting of ``schema``, group by group."""
+    lines: list[str] = []
+    comments = _field_comments(schema)
+    instance = schema()
+    for f in dataclasses.fields(schema):
+        value = getattr(instance, f.name)
+        if dataclasses.is_dataclass(value):
+            doc = (inspect.getdoc(type(value)) or "").split("\n\n")[0].replace("\n", " ")
+            lines.append("")
+            lines.append(f"  {prefix}{f.name}:" + (f"  {doc}" if doc else ""))
+            lines.extend(describe(type(value), f"{prefix}{f.name}."))
+            continue
+        text = f"    {prefix}{f.name} = {_format_value(value)}"
+        if f.name in comments:
+            text = f"{text:<44} # {comments[f.name]}"
+        lines.append(text)
+    return lines
+
+
+def build_parser(schema: type, doc: str, example: str, default_config: str | None = None,
+                 flags: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.ArgumentParser:
+    epilog = "\n".join([
+        "configuration keys (set any as key=value; lists as key=[a,b], unset as key=null):",
+        *describe(schema), "", "example:", f"  {example}",
+    ])
+    parser = argparse.ArgumentParser(description=doc, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    shown = f"default: {default_config}" if default_config else "default: none, the keys' defaults below"
+    parser.add_argument("--config", default=default_config, metavar="F",
+                        help=f"YAML file or packaged preset name ({', '.join(packaged_presets())}); {shown}")
+    if flags is not None:
+        flags(parser)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="settings over the config file's")
+    return parser
+
+
+def parse(argv: Sequence[str] | None, schema: type, doc: str, example: str, default_config: str | None = None,
+          flags: Callable[[argparse.ArgumentParser], None] | None = None) -> tuple[DictConfig, argparse.Namespace]:
+    """Parse ``[--config F] [flags] [key=value ...]`` into the read-only, validated config of ``schema``;
+    user errors raise :class:`unic.config.ConfigError`. Returns the config and the parsed flags."""
+    parser = build_parser(schema, doc, example, default_config, flags)
+    args = parser.parse_intermixed_args(argv)
+    return load_config(args.config, args.overrides, schema), args
+
+
+def write_resolved_config(cfg: DictConfig, output_dir: str, name: str = "config.yaml") -> str:
+    """Write the resolved configuration next to the results (``<output_dir>/config.yaml``); returns the path."""
+    path = os.path.join(output_dir, name)
+    os.makedirs(output_dir, exist_ok=True)
+    save_config(cfg, path)
+    return path
+
+
+def to_container(cfg: DictConfig, key: str) -> Any:
+    """One group or list of ``cfg`` as plain Python data."""
+    node = OmegaConf.select(cfg, key)
+    return OmegaConf.to_container(node) if isinstance(node, DictConfig) or OmegaConf.is_list(node) else node

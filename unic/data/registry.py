@@ -1,0 +1,145 @@
+"""The dataset registry: one entry per dataset name, read by training, retrieval, transfer and segmentation.
+
+An entry (:class:`DatasetSpec`) says what the root folder holds (``layout``, shown in every layout error and
+in ``--help``), which on-disk family reads it (``kind``), its splits, and its default evaluation protocol
+(``protocol`` and ``defaults``: retrieval metrics and crop, the kNN splits, the transfer classifier, the
+segmentation classes, the official counts). The builder of a kind is one function with one signature:
+
+- ``uned`` (``root/info_files/<domain>/<split>.json`` + ``root/images``), ``folder`` and ``imagenet``:
+  ``unic.eval.retrieval.image_sets(spec, root, split, transform, task, domains, pairs, name)`` for
+  evaluation; training (``trainable`` entries) reads ``uned`` and ``imagenet`` through
+  ``unic.train.build.build_datasets``;
+- ``transfer``: ``reader(name, root, split, options) -> unic.data.transfer.TransferSplit``, the entry's
+  ``builder`` (``"module:function"``, imported when used);
+- ``ade20k``: ``unic.eval.semseg.ADE20KDataset(root, split, transform)``.
+
+Adding a benchmark is one entry here (plus a test); ``get_dataset`` answers an unknown name with the
+closest known one. :func:`parse_dataset` reads dinov2-style specs (``"dtd:split_no=3"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+KINDS = ("uned", "folder", "imagenet", "transfer", "ade20k")
+PROTOCOLS = ("retrieval", "knn", "transfer", "segmentation")
+
+_UNED_LAYOUT = "root/info_files/<domain>/<split>.json and the images they list under root/images"
+_COG_FILES = "cog_levels_mapping_file.pkl and cog_concepts_split_file.pkl"
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    kind: str  # the on-disk family that reads it (KINDS)
+    protocol: str  # the default evaluation protocol (PROTOCOLS)
+    layout: str  # what the root folder holds
+    splits: tuple[str, ...]  # the splits the protocol reads
+    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # protocol settings
+    builder: str | None = None  # "module:function" of a transfer reader
+    trainable: bool = False  # main_unic.py can train on it (data.dataset)
+    generated: bool = False  # the data is generated on first use (the demo)
+
+    def reader(self) -> Callable:
+        """The entry's builder function (imported now)."""
+        if self.builder is None:
+            raise ValueError(f"dataset {self.name!r} has no reader of its own (kind {self.kind})")
+        module, _, function = self.builder.partition(":")
+        return getattr(importlib.import_module(module), function)
+
+
+def _transfer(name: str, layout: str, reader: str, counts: tuple[int, int, int] | None, **defaults) -> DatasetSpec:
+    """A t-ReX transfer entry: trainval/test splits, logistic regression, the official (classes, trainval,
+    test) counts that a strict read asserts."""
+    return DatasetSpec(
+        name, "transfer", "transfer", layout, ("trainval", "test"),
+        {"clf_type": "logreg_sklearn", "counts": counts, **defaults}, f"unic.data.transfer:{reader}",
+    )
+
+
+_ENTRIES: list[DatasetSpec] = [
+    # --- UnED layout: training (UDON / UNIC) and universal retrieval
+    DatasetSpec("demo", "uned", "retrieval", f"generated on first use: {_UNED_LAYOUT}", ("train", "val", "test"),
+                {"metrics": "uned", "crop_ratio": 1.0}, trainable=True, generated=True),
+    DatasetSpec("uned", "uned", "retrieval", _UNED_LAYOUT, ("train", "val", "test"),
+                {"metrics": "uned", "crop_ratio": 1.0}, trainable=True),
+    # --- folder retrieval benchmarks (SOP, CUB, Cars: leave-one-out; In-Shop: query/gallery)
+    DatasetSpec("folder", "folder", "retrieval",
+                "root/<class>/<image> (leave-one-out), or root/query/<class>/ + root/gallery/<class>/",
+                ("test", "index"), {"metrics": "recall", "crop_ratio": 0.875, "modes": ("separate",)}),
+    # --- ImageNet layout: distillation and weighted kNN (val queries, train bank)
+    DatasetSpec("imagenet", "imagenet", "knn", "root/train/<class>/<image> and root/val/<class>/<image>",
+                ("val", "train"), {"crop_ratio": 0.875, "bank_split": "train"}, trainable=True),
+    # --- the t-ReX transfer suite (unic.data.transfer reads each official layout)
+    _transfer("imagefolder", "D/train/<class>/<image> and D/test/<class>/<image>: trainval = D/trainval, or "
+              "D/train (+ D/val when D/test exists); test = D/test, or D/val", "read_imagefolder", None),
+    _transfer("in1k", "D/train/<wnid>/*.JPEG and D/val/<wnid>/*.JPEG (validation images sorted into class "
+              "folders)", "read_in1k", (1000, 1_281_167, 50_000)),
+    _transfer("aircraft", "FGVC-Aircraft 2013b: D/data/images/<id>.jpg, D/data/variants.txt and "
+              "D/data/images_variant_{trainval,test}.txt", "read_aircraft", (100, 6667, 3333)),
+    _transfer("cars196", "D/cars_annos.mat and D/car_ims/*.jpg (original release), or torchvision's layout "
+              "D/devkit/{cars_meta,cars_train_annos}.mat, D/cars_test_annos_withlabels.mat, D/cars_train/, "
+              "D/cars_test/", "read_cars196", (196, 8144, 8041)),
+    _transfer("dtd", "D/images/<class>/*.jpg and D/labels/{train,val,test}<N>.txt (N = split_no, default 1)",
+              "read_dtd", (47, 3760, 1880)),
+    _transfer("eurosat", "EuroSAT RGB: D/<class>/*.jpg (10 classes, 27,000 images; D/2750/ is accepted too)",
+              "read_eurosat", (10, 18_900, 8100), test_per_class=810),
+    _transfer("flowers", "Oxford Flowers-102: D/jpg/image_<NNNNN>.jpg, D/imagelabels.mat and D/setid.mat",
+              "read_flowers", (102, 2040, 6149)),
+    _transfer("pets", "Oxford-IIIT Pets: D/images/*.jpg and D/annotations/{trainval,test}.txt", "read_pets",
+              (37, 3680, 3669)),
+    _transfer("food101", "D/images/<class>/*.jpg and D/meta/{train,test}.txt", "read_food101",
+              (101, 75_750, 25_250)),
+    _transfer("sun397", "D/SUN397/<letter>/<class>/*.jpg (SUN397.tar.gz) with ClassName.txt, Training_<NN>.txt "
+              "and Testing_<NN>.txt (Partitions.zip) in D or D/Partitions (NN = split_no, default 01)",
+              "read_sun397", (397, 19_850, 19_850)),
+    _transfer("inat2018", "D/train2018.json and D/val2018.json with the image folders they reference, relative "
+              "to D", "read_inat", (8142, 437_513, 24_426)),
+    _transfer("inat2019", "D/train2019.json and D/val2019.json with the image folders they reference, relative "
+              "to D", "read_inat", (1010, 265_213, 3030)),
+    *(_transfer(f"cog_l{level}", f"D = the full ImageNet (IN-21K) root with D/<wnid>/*.JPEG, and the ImageNet-CoG "
+                f"files {_COG_FILES} (github.com/naver/cog) in D or given explicitly", "read_cog", counts)
+      for level, counts in zip(range(1, 6), [(1000, 1_118_804, 50_000), (1000, 1_115_788, 50_000),
+                                             (1000, 1_095_203, 50_000), (1000, 1_107_128, 50_000),
+                                             (1000, 1_091_654, 50_000)])),
+    # --- dense: ADE20K linear segmentation (DINOv2 / UNIC protocol)
+    DatasetSpec("ade20k", "ade20k", "segmentation",
+                "ADEChallengeData2016: root/images/{training,validation}/*.jpg and "
+                "root/annotations/{training,validation}/*.png", ("training", "validation"),
+                {"num_classes": 150, "ignore_index": 255, "reduce_zero_label": True}),
+]
+DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in _ENTRIES}
+assert len(DATASETS) == len(_ENTRIES), "a dataset name is registered twice"
+assert all(spec.kind in KINDS and spec.protocol in PROTOCOLS for spec in _ENTRIES)
+
+
+def dataset_names(protocol: str | None = None, kind: str | None = None, trainable: bool | None = None) -> list[str]:
+    """The registered names, optionally only those of one default protocol, kind or trainability."""
+    return [spec.name for spec in _ENTRIES if (protocol is None or spec.protocol == protocol)
+            and (kind is None or spec.kind == kind) and (trainable is None or spec.trainable == trainable)]
+
+
+def get_dataset(name: str, kinds: tuple[str, ...] | None = None, what: str = "dataset") -> DatasetSpec:
+    """The entry of ``name``; a ValueError with the closest known name (among ``kinds`` when given)."""
+    allowed = [spec.name for spec in _ENTRIES if kinds is None or spec.kind in kinds]
+    if name not in allowed:
+        close = difflib.get_close_matches(name, allowed, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ValueError(f"unknown {what} {name!r}{hint} (known: {', '.join(allowed)})")
+    return DATASETS[name]
+
+
+def parse_dataset(text: str, kinds: tuple[str, ...] | None = None) -> tuple[DatasetSpec, dict[str, str]]:
+    """``"name[:key=value[:key=value]]"`` (dinov2's ``make_dataset`` style) -> (entry, options)."""
+    name, *parts = text.split(":")
+    options = {}
+    for part in parts:
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise ValueError(f"dataset option {part!r} in {text!r} is not of the form key=value")
+        options[key] = value
+    return get_dataset(name, kinds), options
