@@ -39,6 +39,7 @@ setup(
             "unic-extract-features=eval_transfer.main_ft_extract:cli",
             "unic-transfer-clf=eval_transfer.main_clf:main",
             "unic-semseg=eval_dense.eval_semseg:cli",
+            "unic-teachers=teachers.__main__:main",
         ],
     },
 )

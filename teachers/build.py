@@ -92,6 +92,24 @@ def resolve_weights(spec: TeacherSpec, weights: str | None, weights_dir: str) ->
     )
 
 
+def check_weights(names: list[str], weights: dict[str, str], weights_dir: str) -> None:
+    """Find every teacher's weight source before any model is built; one TeacherWeightsError listing all
+    that are missing (a run that lacks three files says so once, not in three retries)."""
+    from teachers.registry import get_spec
+
+    problems = []
+    for name in names:
+        try:
+            resolve_weights(get_spec(name), weights.get(name), weights_dir)
+        except TeacherWeightsError as err:
+            problems.append(str(err))
+    if len(problems) == 1:
+        raise TeacherWeightsError(problems[0])
+    if problems:
+        raise TeacherWeightsError(f"{len(problems)} teachers lack weights:\n  " + "\n  ".join(problems)
+                                  + "\n(smoke test without them: teachers.weights.<name>=random)")
+
+
 def _default_device() -> torch.device:
     """The device new tensors go to (``meta`` inside ``with torch.device("meta")``); torch>=2.1 has no getter."""
     return torch.empty(0).device

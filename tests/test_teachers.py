@@ -205,3 +205,40 @@ def test_full_size_teacher_builds_on_meta_device(name, dim, patch, params_m):
     assert tensors and all(t.is_meta for t in tensors)
     assert (teacher.embed_dim, teacher.patch_size, spec.resolution) == (dim, patch, 224)
     assert int(sum(p.numel() for p in teacher.parameters()) / 1e6) == params_m
+
+
+def test_every_missing_teacher_file_is_reported_at_once(tmp_path):
+    """The preflight check names all missing files in one error, before any model is built."""
+    from teachers.build import check_weights
+
+    present = tmp_path / "dino_vitbase16_pretrain.pth"
+    present.write_bytes(b"")
+    with pytest.raises(TeacherWeightsError) as err:
+        check_weights(["dino_vitb16", "deit3_vitb16", "dinov2_vitb14", "toy_vit_p16_d96"], {}, str(tmp_path))
+    message = str(err.value)
+    assert message.startswith("2 teachers lack weights")
+    assert "deit_3_base_224_1k.pth" in message and "dinov2_vitb14_pretrain.pth" in message
+    assert "dino_vitbase16" not in message and "toy_vit" not in message  # found / random: fine
+    assert "teachers.weights.<name>=random" in message
+    check_weights(["dino_vitb16", "toy_vit_p16_d96"], {}, str(tmp_path))  # nothing missing: no error
+    with pytest.raises(TeacherWeightsError, match="weights file not found"):  # one problem: its own message
+        check_weights(["dino_vitb16"], {"dino_vitb16": str(tmp_path / "nope.pth")}, str(tmp_path))
+
+
+def test_registry_listing(tmp_path, capsys):
+    """``python -m teachers``: every registry teacher with its real dim and patch (meta builds) and its file."""
+    import json
+
+    from teachers.__main__ import main
+
+    (tmp_path / "deit_3_base_224_1k.pth").write_bytes(b"")
+    assert main(["--weights_dir", str(tmp_path), "--json"]) == 0
+    table = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert set(table) == set(TEACHERS)
+    assert (table["dinov2_vitg14"]["dim"], table["dinov2_vitg14"]["patch"]) == (1536, 14)
+    assert (table["metaclip_vith14"]["dim"], table["toy_vit_p14_d48"]["patch"]) == (1280, 14)
+    assert table["deit3_vitb16"]["present"] and not table["dino_vitb16"]["present"]
+    assert table["ibot_vitb16"]["url"].endswith("vitb_16_rand_mask/checkpoint_teacher.pth")
+    assert main(["--weights_dir", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert text.splitlines()[0].split()[:4] == ["name", "arch", "dim", "patch"] and "dinov2_vitl14_reg" in text

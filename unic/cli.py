@@ -13,20 +13,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import json
 import os
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from unic.config import load_config, packaged_presets, save_config
 
-_COMMENT = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(?P<comment>.+)$")
+_FIELD = re.compile(r"^\s+(?P<name>\w+)\s*:[^#]*?(#\s*(?P<comment>.+))?$")
 
 
 def _field_comments(cls: type) -> dict[str, str]:
-    """``{field: its trailing # comment}`` read from the schema's source (empty when it cannot be read)."""
+    """``{field: its comment}`` read from the schema's source: the trailing ``# comment`` of the field's
+    line, else the comment lines right above it (empty when the source cannot be read)."""
     comments: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass):
@@ -35,44 +37,65 @@ def _field_comments(cls: type) -> dict[str, str]:
             lines = inspect.getsource(klass).splitlines()
         except (OSError, TypeError):
             continue
-        for line in lines:
-            match = _COMMENT.match(line)
-            if match:
-                comments[match.group(1)] = match.group("comment").strip()
+        above: list[str] = []
+        for line in lines[1:]:
+            stripped = line.strip()
+            if stripped.startswith("#"):
+                above.append(stripped.lstrip("#").strip())
+                continue
+            match = _FIELD.match(line)
+            if match and not stripped.startswith(("def ", "@", "return")):
+                comment = match.group("comment") or " ".join(above)
+                if comment:
+                    comments[match.group("name")] = comment.strip()
+            above = []
     return comments
+
+
+def _summary(cls: type) -> str:
+    """The first paragraph of a group's own docstring (not the signature dataclasses make up)."""
+    doc = cls.__dict__.get("__doc__") or ""
+    if doc.startswith(f"{cls.__name__}("):
+        return ""
+    return inspect.cleandoc(doc).split("\n\n")[0].replace("\n", " ")
 
 
 def _format_value(value: Any) -> str:
     if isinstance(value, str):
         return repr(value) if value == "" else value
-    return "null" if value is None else str(value).replace("'", "")
+    return "null" if value is None else json.dumps(value)
 
 
-def describe(schema: type, prefix: str = "") -> list[str]:
-    """``key = default  # comment`` for every setting of ``schema``, group by group."""
+def describe(schema: type, values: DictConfig | None = None, prefix: str = "") -> list[str]:
+    """``key = value  # comment`` for every setting of ``schema``, group by group; the values are those of
+    ``values`` (the default config of the entry point) or else the schema's defaults."""
+    if values is None:
+        values = OmegaConf.structured(schema)
     lines: list[str] = []
     comments = _field_comments(schema)
-    instance = schema()
     for f in dataclasses.fields(schema):
-        value = getattr(instance, f.name)
-        if dataclasses.is_dataclass(value):
-            doc = (inspect.getdoc(type(value)) or "").split("\n\n")[0].replace("\n", " ")
-            lines.append("")
-            lines.append(f"  {prefix}{f.name}:" + (f"  {doc}" if doc else ""))
-            lines.extend(describe(type(value), f"{prefix}{f.name}."))
+        node = values._get_node(f.name)
+        group = f.type if isinstance(f.type, type) else type(getattr(schema(), f.name))
+        if dataclasses.is_dataclass(group):
+            summary = _summary(group)
+            lines += ["", f"  {prefix}{f.name}:" + (f"  {summary}" if summary else "")]
+            lines += describe(group, values[f.name], f"{prefix}{f.name}.")
             continue
+        value = OmegaConf.to_container(node) if isinstance(node, (DictConfig, ListConfig)) else node._value()
         text = f"    {prefix}{f.name} = {_format_value(value)}"
         if f.name in comments:
-            text = f"{text:<44} # {comments[f.name]}"
+            text = f"{text:<46} # {comments[f.name]}"
         lines.append(text)
     return lines
 
 
 def build_parser(schema: type, doc: str, example: str, default_config: str | None = None,
                  flags: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.ArgumentParser:
+    defaults = load_config(default_config, [], schema) if default_config else None
+    where = f" (values of {os.path.basename(default_config)})" if default_config else " and their defaults"
     epilog = "\n".join([
-        "configuration keys (set any as key=value; lists as key=[a,b], unset as key=null):",
-        *describe(schema), "", "example:", f"  {example}",
+        f"configuration keys{where}; set any as key=value, lists as key=[a,b], unset as key=null:",
+        *describe(schema, defaults), "", "example:", f"  {example}",
     ])
     parser = argparse.ArgumentParser(description=doc, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     shown = f"default: {default_config}" if default_config else "default: none, the keys' defaults below"
