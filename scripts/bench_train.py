@@ -1,6 +1,6 @@
 """Training throughput benchmark: warm-up steps, then timed steps of the real trainer on any config.
 
-    python scripts/bench_train.py [--config F] [--warmup 5] [--steps 20] [key=value ...]
+    python scripts/bench_train.py [--config F] [--warmup 5] [--steps 20] [--peak_tflops T] [key=value ...]
 
 Prints one JSON object: images/s, step time, peak memory and, on CUDA, achieved TFLOP/s, MFU and GPU
 utilisation, beside the preflight plan's FLOPs and memory estimate for the same configuration. FLOPs are counted by ``torch.utils.flop_counter`` over one full training step: student
@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -22,45 +23,54 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from unic import distributed  # noqa: E402
-from unic.config import DEMO_CONFIG, load_config  # noqa: E402
+from teachers import TeacherWeightsError  # noqa: E402
+from unic.cli import parse  # noqa: E402
+from unic.data.uned import DataFormatError  # noqa: E402
+from unic.io import CheckpointFormatError  # noqa: E402
+from unic.config import DEMO_CONFIG, ConfigError, UnicConfig  # noqa: E402
 
 # dense bf16/fp16 tensor-core peaks (TFLOP/s) used for MFU; override with --peak_tflops
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
 
-def peak_tflops(override: float | None) -> float | None:
+EXAMPLE = "python scripts/bench_train.py --config unic_vitb16_in1k --steps 10 data.batch_size_per_gpu=64"
+
+
+def peak_tflops(override: float | None, device: torch.device) -> float | None:
     if override:
         return override
-    if not torch.cuda.is_available():
+    if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name()
+    name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=DEMO_CONFIG, help="YAML preset (default: the demo)")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--peak_tflops", type=float, default=None, help="per-device peak for MFU")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+def _flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (default: %(default)s)")
+    parser.add_argument("--peak_tflops", type=float, default=None,
+                        help="per-device peak for MFU (default: the table's figure for the GPU)")
 
-    from unic.train.loop import Trainer
 
-    out_dir = tempfile.mkdtemp(prefix="unic-bench-")
-    cfg = load_config(args.config, [*args.overrides, f"run.output_dir={out_dir}", "train.resume=false"])
-    trainer = Trainer(cfg)
-    device = trainer.device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    # batches are fetched up front: the benchmark times the training step, not the data pipeline
+def prefetch(trainer, count: int) -> list:
+    """``count`` batches on the device, fetched up front: the benchmark times the step, not the data."""
     batches = []
     trainer.batches.start(0)
-    for _ in range(min(args.warmup + args.steps + 1, trainer.steps_per_epoch)):
+    for _ in range(min(count, trainer.steps_per_epoch)):
         domain, batch = trainer.batches.next()
-        labels = batch["label"].to(device) if domain is not None else None
-        batches.append((batch["image"].to(device), domain, labels))
+        labels = batch["label"].to(trainer.device) if domain is not None else None
+        batches.append((batch["image"].to(trainer.device), domain, labels))
     trainer.batches.close()
+    return batches
+
+
+def measure(trainer, args) -> dict:
+    """Time ``args.steps`` training steps after ``args.warmup``; count one step's FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = trainer.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    batches = prefetch(trainer, args.warmup + args.steps + 1)
 
     def step(i: int) -> None:
         trainer.step = i % trainer.total_steps
@@ -83,16 +93,16 @@ def main() -> None:
             utilisation = torch.cuda.utilization(device)
         except Exception:  # noqa: BLE001 - needs pynvml / NVML
             utilisation = None
-
-    from torch.utils.flop_counter import FlopCounterMode
-
     with FlopCounterMode(display=False) as counter:
         step(0)
-    flops_per_step = counter.get_total_flops()
+    return {"elapsed": elapsed, "flops": counter.get_total_flops(), "utilisation": utilisation}
 
-    step_time = elapsed / args.steps
+
+def report(trainer, args, timing: dict) -> dict:
+    cfg, device = trainer.cfg, trainer.device
+    step_time = timing["elapsed"] / args.steps
     result = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "world_size": trainer.world,
         "student": cfg.student.arch,
         "teachers": list(cfg.teachers.names),
@@ -102,26 +112,47 @@ def main() -> None:
         "steps_timed": args.steps,
         "step_time_s": step_time,
         "images_per_s": trainer.global_batch / step_time,
-        "flops_per_step_per_device": flops_per_step,
-        "achieved_tflops_per_device": flops_per_step / step_time / 1e12,
+        "flops_per_step_per_device": timing["flops"],
+        "achieved_tflops_per_device": timing["flops"] / step_time / 1e12,
         # the preflight plan's figures (unic.train.plan, what `main_unic.py --plan` prints) beside the measured ones
         "plan_flops_per_step_per_device": trainer.plan["tflops_per_step_per_gpu"] * 1e12,
         "plan_memory_estimate_gb": trainer.plan["memory_per_gpu"]["total_gb"],
     }
     if device.type == "cuda":
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-        peak = peak_tflops(args.peak_tflops)
+        peak = peak_tflops(args.peak_tflops, device)
         result["mfu"] = result["achieved_tflops_per_device"] / peak if peak else None
-        result["gpu_utilisation_pct"] = utilisation
+        result["gpu_utilisation_pct"] = timing["utilisation"]
     else:
         result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    rank = distributed.get_rank()
-    trainer.close()
-    distributed.destroy_distributed()
-    if rank == 0:
-        print(json.dumps(result, indent=2))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    from unic.train.loop import Trainer
+
+    out_dir = tempfile.mkdtemp(prefix="unic-bench-")
+    trainer = None
+    try:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        cfg, args = parse([*argv, f"run.output_dir={out_dir}", "train.resume=false"], UnicConfig, __doc__, EXAMPLE,
+                          default_config=DEMO_CONFIG, flags=_flags)
+        if args.warmup < 0 or args.steps < 1:
+            raise ConfigError(f"--warmup must be >= 0 and --steps >= 1, got {args.warmup} and {args.steps}")
+        trainer = Trainer(cfg)
+        result = report(trainer, args, measure(trainer, args))
+        if trainer.rank == 0:
+            print(json.dumps(result, indent=2))
+    except (ConfigError, TeacherWeightsError, CheckpointFormatError, DataFormatError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if trainer is not None:
+            trainer.close()
+        distributed.destroy_distributed()
+        shutil.rmtree(out_dir, ignore_errors=True)  # each process's own folder
+    return 0
 
 
 if __name__ == "__main__":
-    main()
-    distributed.exit_process(0)
+    distributed.exit_process(main())

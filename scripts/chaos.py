@@ -31,6 +31,7 @@ sys.path.insert(0, REPO)
 import torch  # noqa: E402
 
 TINY = {
+    "data.global_batch": "null",  # the demo preset fixes its global batch; these runs size theirs per process
     "data.domains": "[shapes,gratings]",
     "data.num_workers": 0,
     "student.img_size": 32,
@@ -283,8 +284,8 @@ def hostile_data(ctx) -> Outcome:
     if result.returncode:
         outcome.details.append(result.stderr[-1500:])
     ev = os.path.join(ctx.work, "hostile_eval")
-    cmd = [sys.executable, "main_retrieval.py", "--checkpoint", os.path.join(out, "checkpoint.pth"), "--data", "uned",
-           "--data.root", root, "--split", "val", "--domains", "hostile", "--num_workers", "2", "--output_dir", ev]
+    cmd = [sys.executable, "main_retrieval.py", f"model.source={os.path.join(out, 'checkpoint.pth')}", "data.dataset=uned",
+           f"data.root={root}", "data.split=val", "data.domains=[hostile]", "data.num_workers=2", f"run.output_dir={ev}"]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     listed = set()
@@ -413,14 +414,14 @@ def malformed_invocations(ctx) -> Outcome:
         ok = code == 2 and len(lines) == 1 and expected in lines[0] and not os.path.exists(out)
         outcome.check(ok, f"main_unic {' '.join(args)[:60]} -> exit {code}: {lines[0][:110] if lines else err[-200:]}")
     retrieval_cases = [
-        (["--descriptors", bad_npz], "rows"),
-        (["--checkpoint", "/nowhere/ckpt.pth", "--data.root", root], "not found"),
-        (["--checkpoint", garbage, "--data.root", root], "checkpoint"),
-        (["--checkpoint", wrong_arch, "--data.root", root], "unic checkpoint"),
+        ([f"model.descriptors={bad_npz}"], "rows"),
+        (["model.source=/nowhere/ckpt.pth", f"data.root={root}"], "not found"),
+        ([f"model.source={garbage}", f"data.root={root}"], "checkpoint"),
+        ([f"model.source={wrong_arch}", f"data.root={root}"], "unic checkpoint"),
     ]
     for i, (args, expected) in enumerate(retrieval_cases):
         out = os.path.join(work, f"malformed_retrieval{i}")
-        code, err = _call("main_retrieval", [*args, "--output_dir", out])
+        code, err = _call("main_retrieval", [*args, f"run.output_dir={out}"])
         lines = [line for line in err.splitlines() if line.startswith("error:")]
         ok = code == 2 and len(lines) == 1 and expected in lines[0].lower() and not os.path.exists(out)
         outcome.check(ok, f"main_retrieval {' '.join(args)[:50]} -> exit {code}: {lines[0][:110] if lines else err[-200:]}")
@@ -468,7 +469,7 @@ def untrusted_files(ctx) -> Outcome:
 
     npz = os.path.join(ctx.work, "evil.npz")
     np.savez(npz, **{"cars:test:x": np.zeros((2, 2), np.float32), "cars:test:y": np.array([_Payload(marker)] * 2, dtype=object)})
-    code, err = _call("main_retrieval", ["--descriptors", npz, "--output_dir", os.path.join(ctx.work, "evil_eval")])
+    code, err = _call("main_retrieval", [f"model.descriptors={npz}", f"run.output_dir={os.path.join(ctx.work, 'evil_eval')}"])
     outcome.check(code == 2 and not os.path.exists(marker), f"descriptor file with pickled objects -> exit {code}")
     return outcome
 

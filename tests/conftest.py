@@ -51,6 +51,7 @@ def tiny_overrides(demo_root: str, output_dir: str, **extra) -> list[str]:
     values = {
         "data.root": demo_root,
         "data.domains": "[shapes,gratings]",
+        "data.global_batch": "null",  # the demo preset fixes the global batch; tiny runs set it per process
         "data.batch_size_per_gpu": 16,
         "data.num_workers": 0,
         "student.img_size": 32,

@@ -15,7 +15,7 @@ from unic.config import load_config
 from unic.data.folders import ImageListDataset
 from unic.data.transforms import eval_transform
 from unic.data.uned import read_info_file
-from unic.io import CheckpointWriteError, load_checkpoint
+from unic.io import CheckpointWriteError, load_checkpoint, save_checkpoint
 from unic.train import checkpoint as ckpt_lib
 from unic.train import faults
 
@@ -43,16 +43,16 @@ def test_fault_spec_parsing():
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, inject):
     """A full disk mid-write (a kill mid-write is scripts/chaos.py's checkpoint_crash scenario)."""
     path = tmp_path / "checkpoint.pth"
-    ckpt_lib.atomic_save({"step": 1, "w": torch.ones(3)}, str(path), step=1)
+    faults.faulty_save({"step": 1, "w": torch.ones(3)}, str(path), step=1)
     inject("save_enospc:step=2")
     with pytest.raises(CheckpointWriteError, match="previous checkpoint is intact"):
-        ckpt_lib.atomic_save({"step": 2, "w": torch.zeros(10000)}, str(path), step=2)
+        faults.faulty_save({"step": 2, "w": torch.zeros(10000)}, str(path), step=2)
     state = load_checkpoint(str(path))
     assert state["step"] == 1 and not glob.glob(str(tmp_path / ".*.tmp*"))
 
 
 def test_partial_files_are_never_loaded_and_are_cleaned(tmp_path):
-    ckpt_lib.atomic_save({"step": 4}, str(tmp_path / "checkpoint.pth"))
+    save_checkpoint({"step": 4}, str(tmp_path / "checkpoint.pth"))
     partial = tmp_path / ".checkpoint.pth.tmp1234"
     partial.write_bytes(b"PK\x03\x04 half a zip")  # what a killed writer leaves
     assert load_checkpoint(str(tmp_path / "checkpoint.pth"))["step"] == 4
@@ -61,11 +61,11 @@ def test_partial_files_are_never_loaded_and_are_cleaned(tmp_path):
 
 def test_periodic_checkpoints_pruned_only_after_a_complete_write(tmp_path, inject):
     for step in (2, 4):
-        ckpt_lib.atomic_save({"step": step}, ckpt_lib.periodic_path(str(tmp_path), step), step=step)
+        faults.faulty_save({"step": step}, ckpt_lib.periodic_path(str(tmp_path), step), step=step)
         ckpt_lib.prune_periodic(str(tmp_path), 2)
     inject("save_enospc:step=6")
     with pytest.raises(CheckpointWriteError):
-        ckpt_lib.atomic_save({"step": 6, "w": torch.zeros(10000)}, ckpt_lib.periodic_path(str(tmp_path), 6), step=6)
+        faults.faulty_save({"step": 6, "w": torch.zeros(10000)}, ckpt_lib.periodic_path(str(tmp_path), 6), step=6)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint_step00000002.pth", "checkpoint_step00000004.pth"]
 
 
@@ -93,7 +93,9 @@ def _tiny_trainer(tmp_path, demo_root, **extra):
     from unic.train.loop import Trainer
 
     cfg = load_config(None, tiny_overrides(demo_root, str(tmp_path / "run"), **{"train.validate": False, **extra}))
-    return Trainer(cfg)
+    trainer = Trainer(cfg)
+    faults.install(trainer)  # as main_unic.py does
+    return trainer
 
 
 def test_nan_step_is_skipped_and_counted(tmp_path, demo_root, inject):

@@ -60,3 +60,15 @@ def test_a_checkpoint_from_before_the_run_group_resumes():
     assert resume_mismatches(old, cfg) == []
     old["train"]["seed"] = 5
     assert resume_mismatches(old, cfg) == ["run.seed: checkpoint 5, now 0"]
+
+
+def test_old_style_flags_get_the_key_that_replaced_them():
+    from unic.eval.retrieval import RetrievalConfig
+
+    for argv, key in ((["--checkpoint", "x.pth"], "model.source"), (["--visualize", "4"], "retrieval.visualize"),
+                      (["--output_dir=o"], "run.output_dir"), (["--data", "uned"], "data.dataset")):
+        with pytest.raises(ConfigError, match=rf"^unknown flag {argv[0]}: settings are given as key=value; "
+                                              rf"did you mean {key}=<value>\?"):
+            parse(argv, RetrievalConfig, "", "")
+    with pytest.raises(ConfigError, match=r"^unknown flag --zzz: settings are given as key=value \(see --help\)$"):
+        parse(["--zzz"], UnicConfig, "", "")

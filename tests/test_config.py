@@ -14,7 +14,8 @@ def test_schema_defaults_demo_preset_and_overrides_merge(tmp_path):
     assert (cfg.ladder.hidden_dim, cfg.ladder.last_hidden_dim) == (768, 3072)  # SPEC section 2
     demo = load_config(DEMO_CONFIG)
     assert demo.data.dataset == "demo" and len(demo.teachers.names) == 2 and demo.ladder.hidden_dim == 128
-    assert parse_args([]).config == DEMO_CONFIG  # python main_unic.py runs the demo
+    cfg, args = parse_args([])  # python main_unic.py runs the demo
+    assert args.config == DEMO_CONFIG and cfg == demo and not args.plan
     preset = tmp_path / "p.yaml"
     preset.write_text("optim:\n  lr: 0.5\nstudent:\n  arch: vit_small_patch16_224\n")
     cfg = load_config(str(preset), ["optim.lr=0.25", "teachers.weights.toy_vit_p16_d96=/w.pth"])
@@ -87,6 +88,7 @@ def test_checkpoints_from_before_later_settings_still_resume():
     # udon.window_reset_every existed
     del saved["student"]["mean"], saved["student"]["std"], saved["ladder"]["last_tap"], saved["data"]["global_batch"]
     del saved["optim"]["clip_mode"], saved["heads"]["init"], saved["udon"]["window_reset_every"]
+    saved["data"]["batch_size_per_gpu"] = 32  # the demo's batch then, on 1 process: its global batch now
     assert resume_mismatches(saved, cfg) == []
     clip = load_config(DEMO_CONFIG, ["student.mean=[0.48,0.46,0.41]"])
     assert resume_mismatches(saved, clip) and "student" in resume_mismatches(saved, clip)[0]
@@ -100,7 +102,7 @@ def test_checkpoints_from_before_later_settings_still_resume():
 def test_resume_compares_the_effective_global_batch():
     from unic.config import resume_mismatches, to_plain
 
-    old = load_config(DEMO_CONFIG, ["data.batch_size_per_gpu=8"])  # 8 per GPU on 4 GPUs: global 32
+    old = load_config(DEMO_CONFIG, ["data.global_batch=null", "data.batch_size_per_gpu=8"])  # 8 per GPU on 4: 32
     new = load_config(DEMO_CONFIG, ["data.global_batch=32", "data.batch_size_per_gpu=100"])  # the latter ignored
     assert resume_mismatches(to_plain(old), new, saved_world=4, world=4) == []
     diffs = resume_mismatches(to_plain(old), new, saved_world=2, world=4)

@@ -1,5 +1,6 @@
 """ADE20K linear probe end to end: eval_dense/eval_semseg.py on a generated ADE20K-layout set (1 and 2
-processes), the frozen backbone, padding, the loss and the user errors. The mmseg-equivalent parts (transforms,
+processes), its configuration (schedules, overrides, checks, --help), the units of its log and results, the
+frozen backbone, padding, the loss and the user errors. The mmseg-equivalent parts (transforms,
 poly schedule, confusion matrix, sliding windows) are tested in test_semseg_parts.py."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from PIL import Image
 from eval_dense import eval_semseg
 from tests.conftest import run_entry
 from tests.test_eval_transfer import TINY_VIT, write_tiny_student
+from unic.config import ConfigError, load_config
 from unic.eval.encoders import load_encoder
 from unic.eval.semseg import (
     ADE20KDataset,
@@ -28,6 +30,7 @@ from unic.eval.semseg import (
     train_linear_head,
     uncenter_pad,
 )
+from unic.eval.semseg_run import SCHEDULES, SemsegConfig, default_output_dir, resolve
 
 NUM_CLASSES = 4
 QUADRANT_COLORS = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200], [200, 200, 40]])
@@ -68,15 +71,21 @@ def ade(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def student4(tmp_path_factory) -> str:
-    """Depth 4, so --layers last4 is possible."""
+    """Depth 4, so semseg.layers=last4 is possible."""
     return write_tiny_student(tmp_path_factory.mktemp("model") / "student.pth", depth=4)
 
 
 def tiny_args(ade, student, output_dir, *extra) -> list[str]:
-    return ["--data_dir", str(ade), "--pretrained", student, "--output_dir", str(output_dir),
-            "--num_classes", str(NUM_CLASSES), "--iterations", "24", "--batch_size", "4", "--crop_size", "32",
-            "--stride", "21", "--scale", "128", "32", "--warmup_iters", "4", "--lr", "0.01", "--num_workers", "0",
-            "--log_every", "8", *extra]
+    return [f"data.root={ade}", f"model.source={student}", f"run.output_dir={output_dir}",
+            f"data.num_classes={NUM_CLASSES}", "semseg.iterations=24", "data.global_batch=4", "semseg.crop_size=32",
+            "semseg.stride=21", "semseg.scale=[128,32]", "semseg.warmup_iters=4", "semseg.lr=0.01",
+            "data.num_workers=0", "semseg.log_every=8", *extra]
+
+
+def probe_of(*overrides: str, world_size: int = 1):
+    """The resolved settings of a command line (model.source and data.root need not exist for timm:)."""
+    return resolve(load_config(None, ["model.source=timm:vit_tiny_patch16_224", "data.root=d", *overrides],
+                               SemsegConfig), world_size)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -84,9 +93,9 @@ def tiny_args(ade, student, output_dir, *extra) -> list[str]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def test_eval_semseg_end_to_end(ade, student4, tmp_path):
+def test_eval_semseg_end_to_end(ade, student4, tmp_path, capsys):
     out = tmp_path / "semseg"
-    assert eval_semseg.main(tiny_args(ade, student4, out, "--layers", "last4", "--visualize", "2")) == 0
+    assert eval_semseg.main(tiny_args(ade, student4, out, "semseg.layers=last4", "semseg.visualize=2")) == 0
 
     results = json.loads((out / "results.json").read_text())
     assert {"mIoU", "aAcc", "mAcc", "per_class", "iterations", "layers", "head"} <= set(results)
@@ -97,6 +106,14 @@ def test_eval_semseg_end_to_end(ade, student4, tmp_path):
     assert results["mIoU"] == pytest.approx(np.mean(ious))
     assert results["mIoU"] > 0.5  # colours make the quadrants linearly separable: the probe really learns
     assert 0.0 <= results["aAcc"] <= 1.0
+
+    # One unit in each place: results.json holds fractions and says so, the log prints percentages with a % sign.
+    assert results["unit"] == "fraction"
+    log = (out / "log.txt").read_text()
+    assert f"last4: mIoU {100 * results['mIoU']:.2f} %, aAcc {100 * results['aAcc']:.2f} %, mAcc " in log
+    # The resolved configuration lies next to the results and reads back as a config file.
+    saved = load_config(str(out / "config.yaml"), [], SemsegConfig)
+    assert saved.run.output_dir == str(out) and saved.semseg.layers == "last4" and saved.semseg.iterations == 24
 
     head = torch.load(out / "head.pth", weights_only=True)
     assert head["format"] == "unic-semseg-linear-head" and head["iteration"] == 24
@@ -112,36 +129,42 @@ def test_eval_semseg_end_to_end(ade, student4, tmp_path):
 
     # Evaluating the saved head again gives the same numbers (inference is deterministic).
     reeval = tmp_path / "reeval"
-    assert eval_semseg.main(tiny_args(ade, student4, reeval, "--layers", "last4", "--load_head",
-                                      str(out / "head.pth"))) == 0
+    assert eval_semseg.main(tiny_args(ade, student4, reeval, "semseg.layers=last4",
+                                      f"semseg.load_head={out / 'head.pth'}")) == 0
     again = json.loads((reeval / "results.json").read_text())
     assert again["mIoU"] == pytest.approx(results["mIoU"], abs=1e-12) and again["iterations"] == 24
+
+    # A head of other features (last4) cannot score the last block's alone: one line, exit 2.
+    mismatch = tiny_args(ade, student4, tmp_path / "mismatch", f"semseg.load_head={out / 'head.pth'}")
+    assert eval_semseg.main(mismatch) == 2
+    assert "maps 128 features to 4 classes" in capsys.readouterr().err
 
 
 def test_eval_semseg_two_processes(ade, student4, tmp_path):
     """torchrun (gloo): DDP head, sharded evaluation, all-reduced confusion matrix. Re-scoring the head it saved
     in one process must give exactly the 2-process metrics."""
     out = tmp_path / "ddp"
-    result = run_entry(["eval_dense/eval_semseg.py", *tiny_args(ade, student4, out, "--eval_every", "12")], nproc=2)
+    result = run_entry(["eval_dense/eval_semseg.py", *tiny_args(ade, student4, out, "semseg.eval_every=12")], nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["world_size"] == 2 and results["iterations"] == 24
     val_steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
                  if json.loads(line)["split"] == "val"]
     assert val_steps == [12, 24]
+    assert re.search(r"iter 12: mIoU \d+\.\d\d %", (out / "log.txt").read_text())
 
     single = tmp_path / "single"
-    assert eval_semseg.main(tiny_args(ade, student4, single, "--load_head", str(out / "head.pth"))) == 0
+    assert eval_semseg.main(tiny_args(ade, student4, single, f"semseg.load_head={out / 'head.pth'}")) == 0
     rescored = json.loads((single / "results.json").read_text())
     for key in ("mIoU", "aAcc", "mAcc"):
         assert rescored[key] == pytest.approx(results[key], abs=1e-12)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Schedules (--schedule unic|dinov2)
+# Schedules (semseg.schedule=unic|dinov2) and the configuration
 # --------------------------------------------------------------------------------------------------------------
 
-# The references' values, written out here rather than read from eval_semseg.SCHEDULES: UNIC's
+# The references' values, written out here rather than read from unic.eval.semseg_run.SCHEDULES: UNIC's
 # eval_dense/eval_semseg.py (samples_per_gpu=8, 10000 x 8 iterations on 1 GPU) and DINOv2's published
 # dinov2_vit{b,l}14_ade20k_linear_config.py (2 per GPU x 8 GPUs, 40000 iterations), which share everything else.
 SHARED = {"lr": 1e-3, "weight_decay": 1e-4, "warmup_iters": 1500, "crop_size": 512, "stride": 341,
@@ -150,25 +173,78 @@ REFERENCE = {"unic": {"iterations": 80_000, "batch_size": 8, **SHARED},
              "dinov2": {"iterations": 40_000, "batch_size": 16, **SHARED}}
 
 
-@pytest.mark.parametrize("flags, schedule", [([], "unic"), (["--schedule", "unic"], "unic"),
-                                             (["--schedule", "dinov2"], "dinov2")])
-def test_schedules_resolve_to_the_reference_values(flags, schedule):
-    args = eval_semseg.parse_args(["--data_dir", "d", "--pretrained", "p", *flags])
-    assert args.schedule == schedule  # unic is the default
-    assert {key: getattr(args, key) for key in REFERENCE[schedule]} == REFERENCE[schedule]
-    assert args.overridden == []
-    assert set(eval_semseg.SCHEDULES) == set(REFERENCE)
+@pytest.mark.parametrize("overrides, schedule", [([], "unic"), (["semseg.schedule=unic"], "unic"),
+                                                 (["semseg.schedule=dinov2"], "dinov2")])
+def test_schedules_resolve_to_the_reference_values(overrides, schedule):
+    probe = probe_of(*overrides)
+    assert probe.schedule == schedule  # unic is the default
+    assert {key: getattr(probe, key) for key in REFERENCE[schedule]} == REFERENCE[schedule]
+    assert probe.overridden == ()
+    assert set(SCHEDULES) == set(REFERENCE)
 
 
-def test_explicit_flags_override_the_schedule():
-    args = eval_semseg.parse_args(["--data_dir", "d", "--pretrained", "p", "--schedule", "dinov2",
-                                   "--iterations", "5", "--lr", "0.5", "--layers", "last4", "--scale", "64", "16",
-                                   "--eval_every", "0", "--weight_decay", "0"])
-    assert (args.iterations, args.lr, args.layers, args.scale) == (5, 0.5, "last4", (64, 16))
-    assert args.eval_every == 0 and args.weight_decay == 0.0  # explicit zeros are overrides, not "unset"
-    assert args.overridden == ["eval_every", "iterations", "layers", "lr", "scale", "weight_decay"]
-    untouched = {key: getattr(args, key) for key in ("batch_size", "warmup_iters", "crop_size", "stride")}
+def test_explicit_settings_override_the_schedule():
+    probe = probe_of("semseg.schedule=dinov2", "semseg.iterations=5", "semseg.lr=0.5", "semseg.layers=last4",
+                     "semseg.scale=[64,16]", "semseg.eval_every=0", "semseg.weight_decay=0")
+    assert (probe.iterations, probe.lr, probe.layers, probe.scale) == (5, 0.5, "last4", (64, 16))
+    assert probe.eval_every == 0 and probe.weight_decay == 0.0  # explicit zeros are overrides, not "unset"
+    assert probe.overridden == ("eval_every", "iterations", "layers", "lr", "scale", "weight_decay")
+    untouched = {key: getattr(probe, key) for key in ("batch_size", "warmup_iters", "crop_size", "stride")}
     assert untouched == {key: REFERENCE["dinov2"][key] for key in untouched}
+
+
+def test_the_global_batch_is_a_data_setting_split_over_processes():
+    assert probe_of("data.global_batch=6", world_size=2).batch_size == 6
+    assert probe_of("data.global_batch=6").overridden == ("batch_size",)
+    assert probe_of("data.batch_size_per_gpu=3", world_size=4).batch_size == 12  # the per-process form
+    assert probe_of(world_size=8).batch_size == 8 and probe_of(world_size=8).overridden == ()
+    with pytest.raises(ConfigError, match="data.global_batch=8 is not divisible by the 3 processes"):
+        probe_of(world_size=3)
+    with pytest.raises(ConfigError, match="not both"):
+        probe_of("data.global_batch=8", "data.batch_size_per_gpu=4")
+
+
+def test_dataset_facts_come_from_the_registry():
+    from unic.data.registry import get_dataset
+
+    spec = get_dataset("ade20k")
+    probe = probe_of()
+    assert probe.dataset == "ade20k" and probe.num_classes == spec.defaults["num_classes"] == 150
+    assert probe_of("data.num_classes=7").num_classes == 7
+    with pytest.raises(ConfigError, match="'data.num_classes': must be in \\[1, 255\\]"):
+        probe_of("data.num_classes=256")
+    with pytest.raises(ConfigError, match="data.dataset"):
+        probe_of("data.dataset=dtd")  # a registry name, but not a segmentation set
+
+
+@pytest.mark.parametrize("override, message", [
+    ("semseg.schedule=mmseg", "'semseg.schedule': 'mmseg'; choose one of unic, dinov2"),
+    ("semseg.layers=last8", "'semseg.layers': 'last8'; choose one of last, last4"),
+    ("semseg.lr=0", "'semseg.lr': must be > 0"),
+    ("semseg.iterations=0", "'semseg.iterations': must be > 0"),
+    ("semseg.warmup_iters=-1", "'semseg.warmup_iters': must be >= 0"),
+    ("semseg.scale=[64]", "'semseg.scale': expected two numbers"),
+    ("data.num_workers=-1", "'data.num_workers': must be >= 0"),
+    ("model.embedding=universal", "'model.embedding': 'universal'; choose one of backbone"),
+    ("semseg.batch_size=4", "unknown config key 'semseg.batch_size'"),
+    ("semseg.layer=last4", "did you mean 'semseg.layers'?"),
+])
+def test_bad_settings_are_one_line_config_errors(override, message):
+    with pytest.raises(ConfigError) as err:
+        probe_of(override)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_help_lists_every_key_with_an_example(capsys):
+    with pytest.raises(SystemExit) as stop:
+        eval_semseg.main(["--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    for key in ("run.output_dir", "model.source", "data.root", "data.global_batch", "data.num_classes",
+                "semseg.schedule = unic", "semseg.layers = null", "semseg.visualize = 0", "semseg.load_head"):
+        assert key in text, key
+    assert "semseg.iterations=80000 data.global_batch=8" in text  # the schedules' values
+    assert "example:\n  eval_dense/eval_semseg.py model.source=" in text
 
 
 @pytest.fixture(scope="module")
@@ -183,10 +259,10 @@ def test_tiny_run_with_each_schedule_records_it(ade16, student4, tmp_path, sched
     batch, lr, wd, warm-up, layers and evaluation interval come from the preset, and results.json / head.pth
     say so."""
     out = tmp_path / schedule
-    geometry = ["--crop_size", "32", "--stride", "21", "--scale", "128", "32"]
-    assert eval_semseg.main(["--data_dir", str(ade16), "--pretrained", student4, "--output_dir", str(out),
-                             "--schedule", schedule, "--iterations", "2", *geometry, "--num_classes",
-                             str(NUM_CLASSES), "--num_workers", "0", "--log_every", "1"]) == 0
+    geometry = ["semseg.crop_size=32", "semseg.stride=21", "semseg.scale=[128,32]"]
+    assert eval_semseg.main([f"data.root={ade16}", f"model.source={student4}", f"run.output_dir={out}",
+                             f"semseg.schedule={schedule}", "semseg.iterations=2", *geometry,
+                             f"data.num_classes={NUM_CLASSES}", "data.num_workers=0", "semseg.log_every=1"]) == 0
     results = json.loads((out / "results.json").read_text())
     reference = REFERENCE[schedule]
     assert results["schedule"] == schedule and results["iterations"] == 2
@@ -200,22 +276,23 @@ def test_tiny_run_with_each_schedule_records_it(ade16, student4, tmp_path, sched
 
     # Re-scoring reports the schedule the head was trained with, not the (default) one of the re-scoring call.
     rescored = tmp_path / f"{schedule}_rescored"
-    assert eval_semseg.main(["--data_dir", str(ade16), "--pretrained", student4, "--output_dir", str(rescored),
-                             *geometry, "--num_classes", str(NUM_CLASSES), "--num_workers", "0",
-                             "--load_head", str(out / "head.pth")]) == 0
+    assert eval_semseg.main([f"data.root={ade16}", f"model.source={student4}", f"run.output_dir={rescored}",
+                             *geometry, f"data.num_classes={NUM_CLASSES}", "data.num_workers=0",
+                             f"semseg.load_head={out / 'head.pth'}"]) == 0
     again = json.loads((rescored / "results.json").read_text())
     assert again["schedule"] == schedule and again["batch_size"] == reference["batch_size"]
     assert again["mIoU"] == pytest.approx(results["mIoU"], abs=1e-12)
 
 
 def test_default_output_dir_names_the_schedule(student4):
-    args = eval_semseg.parse_args(["--data_dir", "d", "--pretrained", student4, "--schedule", "dinov2"])
-    assert eval_semseg.default_output_dir(args).endswith("semseg_ade20k_dinov2_last")
+    probe = resolve(load_config(None, ["data.root=d", f"model.source={student4}", "semseg.schedule=dinov2"],
+                                SemsegConfig))
+    assert default_output_dir(probe).endswith("semseg_ade20k_dinov2_last")
 
 
 def test_user_errors_exit_2_before_writing(ade, student4, tmp_path, capsys):
     out = tmp_path / "never"
-    assert eval_semseg.main(tiny_args(ade, student4, out, "--num_classes", "3")) == 2
+    assert eval_semseg.main(tiny_args(ade, student4, out, "data.num_classes=3")) == 2
     err = re.split(r"[\r\n]", capsys.readouterr().err.strip())[-1]  # after the progress bars: one error line
     assert err.startswith("error: class-count mismatch") and "label 3 after reduce_zero_label" in err
 
@@ -229,8 +306,18 @@ def test_user_errors_exit_2_before_writing(ade, student4, tmp_path, capsys):
     assert eval_semseg.main(tiny_args(ade, "open_clip:ViT-B-32:openai", out)) == 2
     assert "patch tokens" in capsys.readouterr().err
 
+    assert eval_semseg.main([f"data.root={ade}"]) == 2
+    assert "error: 'model.source' is required" in capsys.readouterr().err
+    assert eval_semseg.main(tiny_args(ade, student4, out, f"semseg.load_head={tmp_path / 'none.pth'}")) == 2
+    assert "semseg.load_head: file not found" in capsys.readouterr().err
+    assert eval_semseg.main(tiny_args(ade, student4, out, "semseg.layers=last8")) == 2
+    assert capsys.readouterr().err.startswith("error: invalid value for 'semseg.layers'")
+    if not torch.cuda.is_available():
+        assert eval_semseg.main(tiny_args(ade, student4, out, "run.device=cuda")) == 2
+        assert "run.device=cuda was requested but CUDA is not available" in capsys.readouterr().err
+
     shallow = write_tiny_student(tmp_path / "depth2.pth", depth=2)
-    assert eval_semseg.main(tiny_args(ade, shallow, out, "--layers", "last4")) == 2
+    assert eval_semseg.main(tiny_args(ade, shallow, out, "semseg.layers=last4")) == 2
     assert "has 2 blocks" in capsys.readouterr().err
     assert not out.exists()
 

@@ -1,11 +1,13 @@
 """Transfer evaluation end to end: t-ReX layouts, feature extraction (1 and 2 processes), classifier CLI.
 
 The classifier itself (separable / random labels / sklearn vs torch / stratified split) is tested in
-test_transfer_clf.py; here the command lines, the files they write and the data-set readers.
+test_transfer_clf.py; here the command lines (``key=value`` over unic.eval.transfer_config's schemas), the
+files they write and the data-set readers of unic.data.transfer (one registry entry each).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -15,12 +17,17 @@ import pytest
 import torch
 from PIL import Image
 
+import yaml
+
 from eval_transfer import main_clf, main_ft_extract, print_results
-from eval_transfer.datasets import DatasetError, load_split, load_splits
 from tests.conftest import run_entry
+from unic.config import load_config
+from unic.data.registry import dataset_names, get_dataset
+from unic.data.transfer import DatasetError, load_split, load_splits
 from unic.data.transforms import eval_transform
 from unic.eval.encoders import load_encoder
 from unic.eval.transfer import token_encoder
+from unic.eval.transfer_config import ClfConfig, ExtractConfig
 
 TINY_VIT = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 CLASS_COLORS = [(220, 40, 40), (40, 200, 60), (50, 50, 220)]
@@ -73,8 +80,8 @@ def folder(tmp_path_factory):
 
 def test_extract_then_classify_end_to_end(student, folder, tmp_path, capsys):
     features_dir = tmp_path / "features"
-    argv = ["--pretrained", student, "--dataset", "imagefolder", "--data_dir", str(folder),
-            "--output_dir", str(features_dir), "--num_workers", "0", "--batch_size", "8"]
+    argv = [f"model.source={student}", "data.dataset=imagefolder", f"data.root={folder}",
+            f"run.output_dir={features_dir}", "data.num_workers=0", "data.batch_size_per_gpu=8"]
     assert main_ft_extract.main(argv) == 0
 
     trainval = torch.load(features_dir / "features_trainval.pth", weights_only=True)
@@ -89,6 +96,10 @@ def test_extract_then_classify_end_to_end(student, folder, tmp_path, capsys):
     assert info["crop_ratio"] == 1.0 and info["image_size"] == 32 and info["precision"] == "fp32"
     assert info["splits"]["test"] == {"num_images": 15, "dim": 32, "skipped_images": 0,
                                       "seconds": info["splits"]["test"]["seconds"]}
+    # the resolved config, with the values found at run time, is written next to the features
+    written = yaml.safe_load((features_dir / "extract_config.yaml").read_text())
+    assert written["run"]["output_dir"] == str(features_dir) and written["data"]["img_size"] == 32
+    assert written["run"]["precision"] == "fp32" and written["data"]["batch_size_per_gpu"] == 8
 
     # The stored row is the encoder's descriptor of the t-ReX centre crop of that image.
     encoder = load_encoder(student, "backbone")
@@ -97,7 +108,7 @@ def test_extract_then_classify_end_to_end(student, folder, tmp_path, capsys):
     with torch.no_grad():
         assert torch.allclose(encoder(image[None])[0], test["X"][0], atol=1e-5)
 
-    clf_argv = ["--features_dir", str(features_dir), "--n_trials", "3"]
+    clf_argv = [f"clf.features_dir={features_dir}", "clf.n_trials=3"]
     assert main_clf.main(clf_argv) == 0
     results = json.loads((features_dir / "results.json").read_text())
     assert {"top1", "mean_per_class_acc", "best_params", "clf_type", "features_norm"} <= set(results)
@@ -114,11 +125,14 @@ def test_extract_then_classify_end_to_end(student, folder, tmp_path, capsys):
     assert main_clf.main(clf_argv) == 0
     again = json.loads((features_dir / "results.json").read_text())
     assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in results.items() if k != "seconds"}
-    torch_out = tmp_path / "torch.json"
-    assert main_clf.main(clf_argv + ["--clf_type", "logreg_torch", "--torch_epochs", "10", "--output",
-                                     str(torch_out)]) == 0
+    assert yaml.safe_load((features_dir / "clf_config.yaml").read_text())["run"]["output_dir"] == str(features_dir)
+    torch_dir = tmp_path / "torch"
+    assert main_clf.main(clf_argv + ["clf.clf_type=logreg_torch", "clf.torch_epochs=10",
+                                     f"run.output_dir={torch_dir}"]) == 0
+    torch_out = torch_dir / "results.json"
     torch_results = json.loads(torch_out.read_text())
     assert torch_results["features_norm"] == "l2" and set(torch_results["best_params"]) == {"lr", "wd"}
+    assert yaml.safe_load((torch_dir / "clf_config.yaml").read_text())["clf"]["clf_type"] == "logreg_torch"
 
     assert print_results.main([str(features_dir), str(torch_out)]) == 0
     table = capsys.readouterr().out
@@ -128,12 +142,32 @@ def test_extract_then_classify_end_to_end(student, folder, tmp_path, capsys):
 def test_command_line_defaults_are_unics():
     """naver/unic eval_transfer/main_clf.py and main_ft_extract.py defaults (the classifier's own are tested in
     test_transfer_clf.py)."""
-    args = main_clf.parse_args(["--features_dir", "F"])
-    assert (args.seed, args.n_trials, args.holdout_fraction, args.holdout_fixed_fraction) == (22, None, 0.2, False)
-    assert (args.sklearn_max_iter, args.torch_epochs, args.torch_batch_size) == (2000, 100, 1024)
-    assert args.clf_type == "logreg_sklearn" and args.features_norm is None  # none / l2 by classifier
-    ext = main_ft_extract.parse_args(["--pretrained", "p", "--dataset", "imagefolder", "--data_dir", "D"])
-    assert (ext.precision, ext.token_type, ext.batch_size, ext.crop_ratio) == ("fp32", "cls", 128, 1.0)
+    cfg = load_config(None, ["clf.features_dir=F"], ClfConfig)
+    clf = cfg.clf
+    assert (cfg.run.seed, clf.n_trials, clf.holdout_fraction, clf.holdout_fixed_fraction) == (22, None, 0.2, False)
+    assert (clf.sklearn_max_iter, clf.torch_epochs, clf.torch_batch_size) == (2000, 100, 1024)
+    assert clf.clf_type == "logreg_sklearn" and clf.features_norm is None  # none / l2 by classifier
+    assert cfg.run.output_dir is None and cfg.run.device == "auto"  # results next to the features
+    ext = load_config(None, ["model.source=p", "data.dataset=imagefolder", "data.root=D"], ExtractConfig)
+    assert (ext.run.precision, ext.features.token_type, ext.data.batch_size_per_gpu, ext.data.crop_ratio) == \
+        ("fp32", "cls", 128, 1.0)
+    assert (ext.model.embedding, ext.data.img_size, ext.data.split_no, ext.data.allow_partial) == \
+        ("backbone", None, 1, False)
+
+
+@pytest.mark.parametrize("entry, keys", [
+    (main_ft_extract, ["model.source = null", "data.root = null", "run.precision = fp32", "features.token_type = cls"]),
+    (main_clf, ["clf.features_dir = null", "clf.clf_type = logreg_sklearn", "run.seed = 22", "run.output_dir = null"]),
+])
+def test_help_lists_keys_and_an_example(entry, keys, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        entry.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert all(f"    {key}" in text for key in keys)
+    assert f"eval_transfer/{entry.__name__.rsplit('.', 1)[-1]}.py " in text.split("example:")[1]
+    if entry is main_ft_extract:  # every transfer data set's layout, from the registry
+        assert get_dataset("pets").layout in text and "cog_l1..l5" in text
 
 
 @pytest.mark.parametrize("token_type, dim_factor", [("cls", 1), ("patch", 1), ("both", 2)])
@@ -163,10 +197,10 @@ def test_token_types(student, token_type, dim_factor):
 
 def test_distributed_extraction_matches_single_process(student, folder, tmp_path):
     single, double = tmp_path / "one", tmp_path / "two"
-    common = ["--pretrained", student, "--dataset", "imagefolder", "--data_dir", str(folder), "--num_workers", "0",
-              "--batch_size", "4", "--token_type", "both"]
-    assert main_ft_extract.main(common + ["--output_dir", str(single)]) == 0
-    result = run_entry(["eval_transfer/main_ft_extract.py", *common, "--output_dir", str(double)], nproc=2)
+    common = [f"model.source={student}", "data.dataset=imagefolder", f"data.root={folder}", "data.num_workers=0",
+              "data.batch_size_per_gpu=4", "features.token_type=both"]
+    assert main_ft_extract.main(common + [f"run.output_dir={single}"]) == 0
+    result = run_entry(["eval_transfer/main_ft_extract.py", *common, f"run.output_dir={double}"], nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     for split in ("trainval", "test"):
         a = torch.load(single / f"features_{split}.pth", weights_only=True)
@@ -182,8 +216,8 @@ def test_unreadable_images_are_skipped_and_counted(student, tmp_path):
     write_image_folder(data, {"train": 3, "test": 2})
     (data / "train" / "green" / "1.png").write_bytes(b"not an image")
     out = tmp_path / "features"
-    argv = ["--pretrained", student, "--dataset", "imagefolder", "--data_dir", str(data), "--output_dir", str(out),
-            "--num_workers", "0"]
+    argv = [f"model.source={student}", "data.dataset=imagefolder", f"data.root={data}", f"run.output_dir={out}",
+            "data.num_workers=0"]
     assert main_ft_extract.main(argv) == 0
     trainval = torch.load(out / "features_trainval.pth", weights_only=True)
     assert trainval["Y"].tolist() == [0, 0, 0, 1, 1, 2, 2, 2]  # the broken row is dropped, not duplicated
@@ -193,39 +227,60 @@ def test_unreadable_images_are_skipped_and_counted(student, tmp_path):
 
 def test_user_errors_exit_2_before_writing(student, folder, tmp_path, capsys):
     out = tmp_path / "never"
-    base = ["--pretrained", student, "--output_dir", str(out), "--num_workers", "0"]
+    base = [f"model.source={student}", f"run.output_dir={out}", "data.num_workers=0"]
 
     empty = tmp_path / "only_train"
     write_image_folder(empty, {"train": 2})
-    assert main_ft_extract.main(base + ["--dataset", "imagefolder", "--data_dir", str(empty)]) == 2
+    assert main_ft_extract.main(base + ["data.dataset=imagefolder", f"data.root={empty}"]) == 2
     assert "no test split" in capsys.readouterr().err
 
     pets = tmp_path / "pets"
     (pets / "annotations").mkdir(parents=True)
     (pets / "annotations" / "trainval.txt").write_text("Abyssinian_1 1 1 1\n")
-    assert main_ft_extract.main(base + ["--dataset", "pets", "--data_dir", str(pets)]) == 2
+    assert main_ft_extract.main(base + ["data.dataset=pets", f"data.root={pets}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: pets: test split file not found") and "annotations/test.txt" in err
 
     mismatch = tmp_path / "mismatch"
     write_image_folder(mismatch, {"train": 2}, classes=("a", "b"))
     write_image_folder(mismatch, {"test": 2}, classes=("a", "c"))
-    assert main_ft_extract.main(base + ["--dataset", "imagefolder", "--data_dir", str(mismatch)]) == 2
+    assert main_ft_extract.main(base + ["data.dataset=imagefolder", f"data.root={mismatch}"]) == 2
     assert "class-count mismatch" in capsys.readouterr().err
 
-    assert main_ft_extract.main(base + ["--dataset", "imagefolder", "--data_dir", str(folder),
-                                        "--pretrained", str(tmp_path / "missing.pth")]) == 2
+    good = ["data.dataset=imagefolder", f"data.root={folder}"]
+    assert main_ft_extract.main(base + good + [f"model.source={tmp_path / 'missing.pth'}"]) == 2
     assert "checkpoint file not found" in capsys.readouterr().err
+
+    # Bad settings, named by their key (the closest data set or key suggested).
+    for override, message in (("data.dataset=airkraft", "did you mean 'aircraft'"),
+                              ("data.crop_ratio=1.5", "'data.crop_ratio'"), ("data.split_no=11", "'data.split_no'"),
+                              ("features.token_type=register", "'features.token_type'"),
+                              ("data.image_size=64", "did you mean 'data.img_size'"),
+                              ("model.source=null", "model.source is required")):
+        assert main_ft_extract.main(base + good + [override]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
+    if not torch.cuda.is_available():
+        assert main_ft_extract.main(base + good + ["run.device=cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
     assert not out.exists()
 
     # Classifier: missing features, and a test class that trainval lacks.
-    assert main_clf.main(["--features_dir", str(tmp_path / "nothing")]) == 2
+    assert main_clf.main([f"clf.features_dir={tmp_path / 'nothing'}"]) == 2
     assert "features_trainval.pth" in capsys.readouterr().err
+    assert main_clf.main([]) == 2
+    assert "clf.features_dir is required" in capsys.readouterr().err
+    for override, message in (("clf.holdout_fraction=1.0", "'clf.holdout_fraction'"),
+                              ("clf.clf_type=svm", "'clf.clf_type'"), ("clf.features_norm=l1", "'clf.features_norm'"),
+                              ("clf.torch_epochs=0", "'clf.torch_epochs'"), ("run.precision=bf16", "'run.precision'"),
+                              ("features_dir=F", "did you mean 'clf.features_dir'")):
+        assert main_clf.main([f"clf.features_dir={tmp_path}", override]) == 2
+        assert message in capsys.readouterr().err
     feats = tmp_path / "feats"
     feats.mkdir()
     torch.save({"X": torch.randn(6, 4), "Y": torch.tensor([0, 0, 0, 1, 1, 1])}, feats / "features_trainval.pth")
     torch.save({"X": torch.randn(3, 4), "Y": torch.tensor([0, 1, 2])}, feats / "features_test.pth")
-    assert main_clf.main(["--features_dir", str(feats), "--n_trials", "1"]) == 2
+    assert main_clf.main([f"clf.features_dir={feats}", "clf.n_trials=1"]) == 2
     assert "class-count mismatch" in capsys.readouterr().err
     assert not (feats / "results.json").exists()
 
@@ -427,6 +482,47 @@ def test_missing_listed_images_are_errors_unless_partial(tmp_path):
         load_split("dtd", str(tmp_path), "test")
     partial = load_split("dtd", str(tmp_path), "test", strict=False)
     assert partial.labels().tolist() == [0]
+
+
+def test_unknown_data_set_names_the_closest(tmp_path):
+    with pytest.raises(ValueError, match="unknown transfer data set 'airkraft'; did you mean 'aircraft'"):
+        load_splits("airkraft", str(tmp_path))
+    with pytest.raises(ValueError, match="did you mean 'sun397'"):
+        load_split("sun379", str(tmp_path), "test")
+
+
+def test_every_registry_reader_is_public_and_has_a_layout_test():
+    """Each transfer entry's builder resolves to a public read_* function of unic.data.transfer, and every
+    such reader is exercised by a layout above (a new reader without its test fails here)."""
+    readers = {name: get_dataset(name).reader() for name in dataset_names(kind="transfer")}
+    assert all(f.__module__ == "unic.data.transfer" and f.__name__.startswith("read_") for f in readers.values())
+    tested = {readers[layout.split("_torchvision")[0]] for layout in LAYOUT_BUILDERS}
+    assert tested == set(readers.values())
+
+
+def read_toy(name: str, data_dir: str, split: str, options: dict):
+    """A reader written outside unic.data.transfer: trainval = D/a, test = D/b (one class)."""
+    from unic.data.transfer import TransferSplit
+
+    folder = os.path.join(data_dir, "a" if split == "trainval" else "b")
+    return TransferSplit([(os.path.join(folder, f), [0], 0) for f in sorted(os.listdir(folder))], ["only"])
+
+
+def test_a_new_data_set_is_one_registry_entry(tmp_path):
+    from unic.data import registry
+
+    spec = dataclasses.replace(get_dataset("pets"), name="toy", layout="D/a/*.jpg and D/b/*.jpg",
+                               defaults={"clf_type": "logreg_sklearn", "counts": (1, 2, 1)},
+                               builder="tests.test_eval_transfer:read_toy")
+    with registry.registered(spec):
+        _touch(tmp_path, "a/1.jpg", "a/2.jpg", "b/3.jpg")
+        splits = load_splits("toy", str(tmp_path))  # the official counts (1 class, 2 + 1 images) hold
+        assert [len(splits[s].samples) for s in ("trainval", "test")] == [2, 1] and splits["test"].classes == ["only"]
+        os.remove(tmp_path / "b" / "3.jpg")
+        _touch(tmp_path, "b/4.jpg", "b/5.jpg")
+        with pytest.raises(DatasetError, match=r"2 test images instead of 1 .*expected D/a/\*.jpg and D/b"):
+            load_splits("toy", str(tmp_path))
+        assert load_config(None, ["model.source=p", "data.dataset=toy", "data.root=D"], ExtractConfig).data.dataset == "toy"
 
 
 def test_cog_files_cannot_run_code(tmp_path):

@@ -10,11 +10,14 @@ import numpy as np
 import pytest
 import timm
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from main_retrieval import main
 from tests.conftest import run_entry, tiny_overrides
+from tests.oracles import search_torch
 from tests.test_retrieval_metrics import brute_uned, label_set, random_labels
+from unic.data import registry
 from unic.data.folders import load_image
 from unic.data.transforms import eval_transform, uned_eval_transform
 from unic.data.uned import read_info_file
@@ -31,7 +34,6 @@ from unic.eval.retrieval import (
     save_neighbor_figure,
     top_neighbors,
 )
-from unic.eval.search import search_torch
 from unic.io import load_checkpoint
 
 DEMO_DOMAINS = ("digits", "shapes", "gratings", "blobs")
@@ -99,6 +101,41 @@ def test_default_pairs_follow_the_uned_tables_and_split_files():
         parse_metrics("P@5")
 
 
+def test_help_lists_the_keys_and_an_example(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    for line in ("model.source = output/demo/checkpoint.pth", "data.dataset = demo", "data.batch_size_per_gpu = 128",
+                 "retrieval.chunk_size = 8192", "retrieval.knn_k = [10, 20, 100, 200]", "run.output_dir = null"):
+        assert line in out, line
+    assert "example:\n  python main_retrieval.py model.source=" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["data.dataset=foldr"], "'data.dataset': 'foldr'; choose one of demo, uned, folder, imagenet"),
+    (["data.dataset=folder", "retrieval.task=knn"], "data.dataset=folder (folder layout) is for retrieval.task=ret"),
+    (["data.dataset=imagenet", "retrieval.task=retrieval"], "is for retrieval.task=knn, not retrieval"),
+    (["data.dataset=imagenet", "data.domains=[cars]"], "apply to UnED-layout data, not data.dataset=imagenet"),
+    (["model.descriptors=d.npz", "data.root=/data"], "drop model.source, data.dataset and data.root"),
+    (["retrieval.modes=[both]"], "'retrieval.modes': unknown ['both']"),
+    (["retrieval.knn_k=[5,0]"], "'retrieval.knn_k': must be positive integers"),
+    (["retrieval.temperature=inf"], "'retrieval.temperature': must be finite"),
+    (["retrieval.chunk_size=0"], "'retrieval.chunk_size': must be > 0"),
+    (["data.crop_ratio=1.5"], "'data.crop_ratio': must be in [0, 1]"),
+    (["data.batch_size_per_gpu=0"], "'data.batch_size_per_gpu': must be > 0"),
+    (["run.precision=fp8"], "'run.precision'"),
+    (["chunk_size=3"], "did you mean 'retrieval.chunk_size'?"),
+    (["model.source=timm:test_vit", "data.dataset=folder"], "data.dataset=folder needs data.root, a folder holding"),
+])
+def test_config_errors_are_one_line_and_create_nothing(tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    assert main([*args, f"run.output_dir={out}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not out.exists()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # descriptor files
 
@@ -141,8 +178,8 @@ def test_descriptor_round_trip_and_metrics_against_brute_force(tmp_path, capsys)
             np.testing.assert_array_equal(loaded[domain][split].labels, y)
 
     pairs = ["cars=test:test", "met=test:index", "rp2k=test:test"]
-    assert main(["--descriptors", str(path), "--pairs", *pairs, "--metrics", "all",
-                 "--output_dir", str(tmp_path / "out")]) == 0
+    assert main([f"model.descriptors={path}", f"data.pairs=[{','.join(pairs)}]", "retrieval.metrics=all",
+                 f"run.output_dir={tmp_path / 'out'}"]) == 0
     assert "merged index" in capsys.readouterr().out
     results = read_results(tmp_path / "out")
     assert list(results) == ["separate", "merged"]
@@ -230,7 +267,7 @@ def test_descriptor_file_errors(tmp_path, capsys, case):
     path = tmp_path / "desc.npz"
     np.savez(path, **arrays)
     out = tmp_path / "out"
-    assert main(["--descriptors", str(path), "--output_dir", str(out)]) == 2
+    assert main([f"model.descriptors={path}", f"run.output_dir={out}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not out.exists()
@@ -251,9 +288,9 @@ def encode_images(encoder, paths, crop_ratio=None):
 def test_uned_demo_end_to_end_universal_and_oracle(tmp_path, demo_root, demo_run, capsys):
     universal = demo_run["universal"]
     out = tmp_path / "universal"
-    common = ["--data", "uned", "--data.root", demo_root, "--domains", "shapes,gratings", "--num_workers", "0",
-              "--batch_size", "16"]
-    assert main(["--checkpoint", universal, *common, "--visualize", "3", "--output_dir", str(out)]) == 0
+    common = ["data.dataset=uned", f"data.root={demo_root}", "data.domains=[shapes,gratings]", "data.num_workers=0",
+              "data.batch_size_per_gpu=16"]
+    assert main([f"model.source={universal}", *common, "retrieval.visualize=3", f"run.output_dir={out}"]) == 0
     stdout = capsys.readouterr().out
     assert "separate index (%)" in stdout and "merged index (%)" in stdout and "average" in stdout
     results = read_results(out)
@@ -286,12 +323,12 @@ def test_uned_demo_end_to_end_universal_and_oracle(tmp_path, demo_root, demo_run
 
     # evaluation only, from the saved descriptors: the same numbers
     again = tmp_path / "again"
-    assert main(["--descriptors", str(out / "descriptors.npz"), "--output_dir", str(again)]) == 0
+    assert main([f"model.descriptors={out / 'descriptors.npz'}", f"run.output_dir={again}"]) == 0
     assert read_results(again) == results
 
     # oracle: each domain through its own teacher head (256-d), separate index only
     oracle = tmp_path / "oracle"
-    assert main(["--checkpoint", universal, *common, "--embedding", "oracle", "--output_dir", str(oracle)]) == 0
+    assert main([f"model.source={universal}", *common, "model.embedding=oracle", f"run.output_dir={oracle}"]) == 0
     assert list(read_results(oracle)) == ["separate"]
     arrays = load_npz(oracle / "descriptors.npz")
     for domain in ("shapes", "gratings"):
@@ -299,16 +336,16 @@ def test_uned_demo_end_to_end_universal_and_oracle(tmp_path, demo_root, demo_run
         expected = encode_images(load_encoder(universal, f"domain:{domain}"), paths)
         np.testing.assert_allclose(arrays[f"{domain}:test:x"][:4], expected, rtol=1e-4, atol=1e-5)
     capsys.readouterr()
-    assert main(["--checkpoint", universal, *common, "--embedding", "oracle", "--modes", "merged",
-                 "--output_dir", str(tmp_path / "no")]) == 2
+    assert main([f"model.source={universal}", *common, "model.embedding=oracle", "retrieval.modes=[merged]",
+                 f"run.output_dir={tmp_path / 'no'}"]) == 2
     assert "merged index is undefined" in capsys.readouterr().err
 
 
 def test_two_processes_extract_what_one_process_does(tmp_path, demo_root, demo_run):
-    args = ["--checkpoint", demo_run["checkpoint"], "--embedding", "backbone", "--data", "uned",
-            "--data.root", demo_root, "--domains", "shapes", "digits", "--num_workers", "0", "--batch_size", "7"]
-    assert main([*args, "--output_dir", str(tmp_path / "one")]) == 0
-    result = run_entry(["main_retrieval.py", *args, "--output_dir", str(tmp_path / "two")], nproc=2)
+    args = [f"model.source={demo_run['checkpoint']}", "model.embedding=backbone", "data.dataset=uned",
+            f"data.root={demo_root}", "data.domains=[shapes,digits]", "data.num_workers=0", "data.batch_size_per_gpu=7"]
+    assert main([*args, f"run.output_dir={tmp_path / 'one'}"]) == 0
+    result = run_entry(["main_retrieval.py", *args, f"run.output_dir={tmp_path / 'two'}"], nproc=2)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("merged index (%)") == 1  # rank 0 alone reports
     one, two = load_npz(tmp_path / "one" / "descriptors.npz"), load_npz(tmp_path / "two" / "descriptors.npz")
@@ -334,8 +371,8 @@ def test_unreadable_images_are_left_out_and_multi_labels_kept(tmp_path, demo_roo
     entries.insert(3, {"path": "toy/bad.jpg", "class_id": 99})
     (root / "info_files" / "toy" / "test.json").write_text(json.dumps(entries))
     out = tmp_path / "out"
-    assert main(["--checkpoint", demo_run["checkpoint"], "--embedding", "backbone", "--data", "uned",
-                 "--data.root", str(root), "--num_workers", "0", "--output_dir", str(out)]) == 0
+    assert main([f"model.source={demo_run['checkpoint']}", "model.embedding=backbone", "data.dataset=uned",
+                 f"data.root={root}", "data.num_workers=0", f"run.output_dir={out}"]) == 0
     features, meta = load_descriptors(str(out / "descriptors.npz"))
     kept = [e for e in entries if e["path"] != "toy/bad.jpg"]
     assert [os.path.relpath(p, root / "images") for p in meta["paths"]["toy:test"]] == [e["path"] for e in kept]
@@ -363,12 +400,13 @@ def copy_images(entries, folder_of, root):
 def test_folder_benchmarks_with_a_timm_baseline(tmp_path, demo_root, capsys):
     weights = tmp_path / "test_vit.pth"
     torch.save(timm.create_model("test_vit", pretrained=False).state_dict(), weights)
-    model = ["--checkpoint", "timm:test_vit", "--weights", str(weights), "--num_workers", "0", "--batch_size", "32"]
+    model = ["model.source=timm:test_vit", f"model.weights={weights}", "data.num_workers=0",
+             "data.batch_size_per_gpu=32"]
 
     # leave-one-out set: root/<class>/*
     loo = tmp_path / "sop"
     copy_images(read_info_file(demo_root, "shapes", "test"), lambda labels: f"class{labels[0]}", loo)
-    assert main([*model, "--data", "folder", "--data.root", str(loo), "--output_dir", str(tmp_path / "loo")]) == 0
+    assert main([*model, "data.dataset=folder", f"data.root={loo}", f"run.output_dir={tmp_path / 'loo'}"]) == 0
     results = read_results(tmp_path / "loo")
     assert list(results) == ["separate"] and list(results["separate"]) == ["sop", "average"]
     scores = results["separate"]["sop"]
@@ -377,6 +415,18 @@ def test_folder_benchmarks_with_a_timm_baseline(tmp_path, demo_root, capsys):
     assert recalls == sorted(recalls) and recalls[-1] == 1.0  # 47 other images, 6 per class: all found by 100
     assert scores["R@1"] < 1.0  # the query itself is excluded (it would always be its own first neighbour)
     assert "R@100" in capsys.readouterr().out
+    assert OmegaConf.load(tmp_path / "loo" / "config.yaml").data.dataset == "folder"  # the resolved config
+
+    # a new benchmark of a known layout is one registry entry, whose defaults apply (here UnED metrics, both modes)
+    spec = registry.DatasetSpec("toy_sop", "folder", "retrieval", "root/<class>/<image>", ("test",),
+                                {"metrics": "uned", "crop_ratio": 0.875})
+    with registry.registered(spec):
+        assert main([*model, "data.dataset=toy_sop", f"data.root={loo}", f"run.output_dir={tmp_path / 'entry'}"]) == 0
+    assert "toy_sop" not in registry.DATASETS
+    entry = read_results(tmp_path / "entry")
+    assert list(entry) == ["separate", "merged"] and list(entry["separate"]["sop"]) == ["R@1", "mMP@5", "mAP@5"]
+    assert entry["separate"]["sop"]["R@1"] == scores["R@1"] and entry["merged"] == entry["separate"]
+    assert load_descriptors(str(tmp_path / "entry" / "descriptors.npz"))[1]["data"] == "toy_sop"
 
     # query/gallery pair: root/query/<class>/*, root/gallery/<class>/*, classes matched by name
     pair = tmp_path / "inshop_like"
@@ -387,8 +437,8 @@ def test_folder_benchmarks_with_a_timm_baseline(tmp_path, demo_root, capsys):
     gallery = copy_images(read_info_file(demo_root, "gratings", "val"), lambda labels: f"item{labels[0]}",
                           pair / "gallery")
     out = tmp_path / "pair"
-    assert main([*model, "--data", "folder", "--data.root", str(pair), "--name", "inshop_like",
-                 "--output_dir", str(out)]) == 0
+    assert main([*model, "data.dataset=folder", f"data.root={pair}", "data.name=inshop_like",
+                 f"run.output_dir={out}"]) == 0
     arrays = load_npz(out / "descriptors.npz")
     _, meta = load_descriptors(str(out / "descriptors.npz"))
     assert meta["pairs"] == {"inshop_like": ["test", "index"]}
@@ -403,7 +453,7 @@ def test_folder_benchmarks_with_a_timm_baseline(tmp_path, demo_root, capsys):
     assert 0.0 < results["R@1"] <= results["R@100"] < 1.0  # the 2 queries without a gallery class never hit
     assert results["R@100"] == pytest.approx(1 - 2 / len(query))
     # evaluation only: the run's pairs and metrics come back from the file
-    assert main(["--descriptors", str(out / "descriptors.npz"), "--output_dir", str(tmp_path / "pair2")]) == 0
+    assert main([f"model.descriptors={out / 'descriptors.npz'}", f"run.output_dir={tmp_path / 'pair2'}"]) == 0
     assert read_results(tmp_path / "pair2") == read_results(out)
 
 
@@ -413,8 +463,8 @@ def test_weighted_knn_on_imagenet_layout(tmp_path, demo_root, demo_run):
     copy_images([e for e in read_info_file(demo_root, "blobs", "val") if e[1][0] != 0],
                 lambda labels: f"hue{labels[0]}", root / "val")  # hue0 absent: val ids must follow train's
     out = tmp_path / "knn"
-    assert main(["--checkpoint", demo_run["checkpoint"], "--data", "imagenet", "--data.root", str(root),
-                 "--knn_k", "5", "20", "--num_workers", "0", "--output_dir", str(out)]) == 0
+    assert main([f"model.source={demo_run['checkpoint']}", "data.dataset=imagenet", f"data.root={root}",
+                 "retrieval.knn_k=[5,20]", "data.num_workers=0", f"run.output_dir={out}"]) == 0
     results = read_results(out)
     assert list(results) == ["knn"] and list(results["knn"]) == ["imagenet", "average"]
     assert list(results["knn"]["imagenet"]) == ["top1@5", "top5@5", "top1@20", "top5@20"]
@@ -429,8 +479,8 @@ def test_weighted_knn_on_imagenet_layout(tmp_path, demo_root, demo_run):
     for k in (5, 20):
         assert results["knn"]["imagenet"][f"top1@{k}"] == expected[k]["top1"]
         assert results["knn"]["imagenet"][f"top5@{k}"] == expected[k]["top5"]
-    assert main(["--descriptors", str(out / "descriptors.npz"), "--knn_k", "5", "20",
-                 "--output_dir", str(tmp_path / "again")]) == 0
+    assert main([f"model.descriptors={out / 'descriptors.npz'}", "retrieval.knn_k=[5,20]",
+                 f"run.output_dir={tmp_path / 'again'}"]) == 0
     assert read_results(tmp_path / "again") == results
 
 
@@ -442,7 +492,7 @@ def test_input_errors_create_nothing(tmp_path, demo_root, demo_run, capsys, case
     (root / "images").mkdir()
     (root / "info_files" / "cars" / "test.json").write_text(json.dumps([{"path": "a.jpg", "class_id": 0}]))
     checkpoint = demo_run["checkpoint"]
-    extra = ["--domains", "cars"]
+    extra = ["data.domains=[cars]"]
     expected = {
         "missing_split": "missing split 'val' of domain 'cars'",
         "empty_domain": "domain 'cars' is empty",
@@ -453,23 +503,23 @@ def test_input_errors_create_nothing(tmp_path, demo_root, demo_run, capsys, case
         "timm_universal": "has only its image embedding",
     }[case]
     if case == "missing_split":
-        extra += ["--split", "val"]
+        extra += ["data.split=val"]
     elif case == "empty_domain":
         (root / "info_files" / "cars" / "test.json").unlink()
     elif case == "empty_split":
         (root / "info_files" / "cars" / "test.json").write_text("[]")
     elif case == "unknown_domain":
-        extra = ["--domains", "cars", "sop"]
+        extra = ["data.domains=[cars,sop]"]
     elif case == "missing_checkpoint":
         checkpoint = str(tmp_path / "nope.pth")
     elif case == "no_head":
-        extra += ["--embedding", "oracle"]
+        extra += ["model.embedding=oracle"]
     elif case == "timm_universal":
         checkpoint = "timm:test_vit"
-        extra += ["--embedding", "universal"]
+        extra += ["model.embedding=universal"]
     out = tmp_path / "out"
-    code = main(["--checkpoint", checkpoint, "--data", "uned", "--data.root", str(root), *extra,
-                 "--output_dir", str(out)])
+    code = main([f"model.source={checkpoint}", "data.dataset=uned", f"data.root={root}", *extra,
+                 f"run.output_dir={out}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
     assert not out.exists()
@@ -477,9 +527,9 @@ def test_input_errors_create_nothing(tmp_path, demo_root, demo_run, capsys, case
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_extraction_matches_cpu(tmp_path, demo_root, demo_run):
-    args = ["--checkpoint", demo_run["universal"], "--data", "uned", "--data.root", demo_root, "--domains", "shapes",
-            "--num_workers", "0", "--precision", "fp32"]
-    assert main([*args, "--device", "cpu", "--output_dir", str(tmp_path / "cpu")]) == 0
-    assert main([*args, "--device", "cuda", "--output_dir", str(tmp_path / "cuda")]) == 0
+    args = [f"model.source={demo_run['universal']}", "data.dataset=uned", f"data.root={demo_root}",
+            "data.domains=[shapes]", "data.num_workers=0", "run.precision=fp32"]
+    assert main([*args, "run.device=cpu", f"run.output_dir={tmp_path / 'cpu'}"]) == 0
+    assert main([*args, "run.device=cuda", f"run.output_dir={tmp_path / 'cuda'}"]) == 0
     cpu, cuda = load_npz(tmp_path / "cpu" / "descriptors.npz"), load_npz(tmp_path / "cuda" / "descriptors.npz")
     np.testing.assert_allclose(cuda["shapes:test:x"], cpu["shapes:test:x"], rtol=1e-3, atol=1e-4)

@@ -19,7 +19,8 @@ from unic.eval.metrics import (
     relevance_matrix,
     retrieval_metrics,
 )
-from unic.eval.search import search, search_torch
+from tests.oracles import search_torch
+from unic.eval.search import search
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""ADE20K linear-probe parts: dataset, paired transforms, head, poly schedule, sliding window, mIoU."""
+"""ADE20K linear-probe parts: dataset (its facts from the registry), paired transforms, head, poly schedule,
+sliding window, mIoU. The run and its command line are tested in test_eval_semseg.py."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
+from unic.data.registry import get_dataset
 from unic.eval.semseg import (
+    IGNORE_INDEX,
     IMAGENET_MEAN_255,
+    NUM_CLASSES,
     IMAGENET_STD_255,
     ADE20KDataset,
     ConfusionMatrix,
@@ -78,11 +82,18 @@ def test_ade20k_dataset_reads_layout_and_reduces_labels(tmp_path):
     assert label_t.shape == (20, 30) and label_t.dtype == torch.int64
 
 
+def test_ade20k_facts_are_the_registry_entry():
+    spec = get_dataset("ade20k")
+    assert (NUM_CLASSES, IGNORE_INDEX) == (spec.defaults["num_classes"], spec.defaults["ignore_index"]) == (150, 255)
+    assert spec.splits == ("training", "validation") and spec.defaults["reduce_zero_label"]
+
+
 def test_ade20k_dataset_errors(tmp_path):
     write_ade20k(tmp_path, "training", num_images=2)
-    with pytest.raises(FileNotFoundError, match="validation"):
+    with pytest.raises(FileNotFoundError, match="validation") as missing:
         ADE20KDataset(tmp_path, split="validation")
-    with pytest.raises(ValueError, match="split"):
+    assert get_dataset("ade20k").layout in str(missing.value)  # the layout error shows the registry's text
+    with pytest.raises(ValueError, match="split must be one of 'training', 'validation'"):
         ADE20KDataset(tmp_path, split="test")
     (tmp_path / "annotations" / "training" / "ADE_training_00000001.png").unlink()
     with pytest.raises(FileNotFoundError, match="no annotation"):

@@ -126,6 +126,36 @@ def test_two_process_ddp_matches_one_process(tmp_path, demo_root):
         torch.testing.assert_close(w1[key], w2[key], rtol=1e-3, atol=1e-5)
 
 
+def test_checkpoint_resumes_on_another_number_of_processes(tmp_path, demo_root):
+    """Elastic resume: 3 steps on 1 process, continued on 2 torchrun processes at the same global batch. With
+    neither stochastic depth nor UDON's local relational term nothing depends on the process count, so the
+    continued steps' losses are those of an uninterrupted 1-process run (dynamic domain sampling updated every
+    2 steps: its window of losses crosses the resume). A different global batch is still refused, in one line."""
+    common = {"data.global_batch": 16, "train.validate": False, "train.log_every": 1, "udon.update_every": 2,
+              "udon.relational_weight": 0.0, "optim.lr": 5e-5, "udon.head_lr": 5e-5}
+    straight, elastic = tmp_path / "straight", tmp_path / "elastic"
+    result = run_entry(["main_unic.py", *tiny_overrides(demo_root, str(straight), **common, **{"train.max_steps": 6})])
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_entry(["main_unic.py", *tiny_overrides(demo_root, str(elastic), **common, **{"train.max_steps": 3})])
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_entry(["main_unic.py", *tiny_overrides(demo_root, str(elastic), **common, **{"train.max_steps": 6})],
+                       nproc=2)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"resumed from {elastic / 'checkpoint.pth'} at step 3" in result.stdout
+    assert "resuming on 2 processes a checkpoint written by 1" in result.stdout + result.stderr
+    m1, m2 = _metrics(straight), _metrics(elastic)
+    assert [r["step"] for r in m2] == [1, 2, 3, 4, 5, 6]
+    for r1, r2 in zip(m1[3:], m2[3:]):
+        assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-4, abs=1e-6)
+        assert r2["loss/udon"] == pytest.approx(r1["loss/udon"], rel=1e-4, abs=1e-6)
+    assert load_checkpoint(str(elastic / "checkpoint.pth"))["world_size"] == 2
+
+    result = run_entry(["main_unic.py", *tiny_overrides(demo_root, str(elastic), **{**common, "data.global_batch": 8})])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr
+    assert "global batch: checkpoint 16, now 8" in errors[0]
+
+
 def test_exit_under_torchrun_keeps_code_output_and_logs(tmp_path):
     """Entry points under torchrun leave through os._exit (gloo threads can abort a finalising interpreter):
     the exit code, buffered stdout and logging handlers must survive it."""
@@ -152,7 +182,7 @@ def test_student_normalisation_reaches_transforms_checkpoints_and_encoders(tmp_p
     from torchvision.transforms import Normalize
     from unic.config import load_config
     from unic.eval.encoders import load_encoder
-    from unic.train.loop import build_datasets
+    from unic.train.build import build_datasets
 
     clip = {"student.mean": list(CLIP_MEAN), "student.std": list(CLIP_STD)}
     cfg = load_config(None, tiny_overrides(demo_root, str(tmp_path / "cfg"), **{k: str(v) for k, v in clip.items()}))

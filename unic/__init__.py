@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 
 def load_student(path: str, device: str = "cpu"):
     """The timm ViT backbone of a UNIC checkpoint (training checkpoint or exported ``student.pth``), in eval mode."""
-    from unic.models.student import load_student as _load
+    from unic.models.export import load_student as _load
 
     return _load(path, device)
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from unic.config import load_config, packaged_presets, save_config
+from unic.config import ConfigError, config_keys, closest_key, load_config, packaged_presets, save_config
 
 _FIELD = re.compile(r"^\s+(?P<name>\w+)\s*:[^#]*?(#\s*(?P<comment>.+))?$")
 
@@ -112,8 +112,26 @@ def parse(argv: Sequence[str] | None, schema: type, doc: str, example: str, defa
     """Parse ``[--config F] [flags] [key=value ...]`` into the read-only, validated config of ``schema``;
     user errors raise :class:`unic.config.ConfigError`. Returns the config and the parsed flags."""
     parser = build_parser(schema, doc, example, default_config, flags)
-    args = parser.parse_intermixed_args(argv)
+    args, unknown = parser.parse_known_intermixed_args(argv)
+    if unknown:
+        raise ConfigError(_flag_hint(unknown[0], schema))
     return load_config(args.config, args.overrides, schema), args
+
+
+# flags of the entry points before they took key=value settings, and the keys that replaced them
+OLD_FLAGS = {"checkpoint": "model.source", "pretrained": "model.source", "data_dir": "data.root",
+             "data": "data.dataset", "image_size": "data.img_size", "output": "run.output_dir"}
+
+
+def _flag_hint(flag: str, schema: type) -> str:
+    """The one-line answer to an unknown ``--flag``: settings are ``key=value``, and which key it means."""
+    if not flag.startswith("-"):
+        return f"unexpected argument {flag!r}: settings are key=value"
+    name = flag.lstrip("-").split("=", 1)[0].replace("-", "_")
+    keys = config_keys(OmegaConf.structured(schema))
+    key = OLD_FLAGS.get(name) if OLD_FLAGS.get(name) in keys else closest_key(name, keys)
+    hint = f"; did you mean {key}=<value>?" if key else ""
+    return f"unknown flag {flag}: settings are given as key=value{hint} (see --help)"
 
 
 def write_resolved_config(cfg: DictConfig, output_dir: str, name: str = "config.yaml") -> str:

@@ -238,14 +238,15 @@ def head_options(cfg: DictConfig) -> dict:
     return {k: v for k, v in cfg.heads.items() if k != "name" and v is not None}
 
 
-def _all_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+def config_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """Every key of a config (groups and settings), dotted."""
     keys = []
     for key in cfg.keys():
         full = f"{prefix}{key}"
         keys.append(full)
         value = cfg._get_node(key)
         if isinstance(value, DictConfig) and OmegaConf.get_type(value) not in (dict,):
-            keys.extend(_all_keys(value, full + "."))
+            keys.extend(config_keys(value, full + "."))
     return keys
 
 
@@ -269,7 +270,7 @@ def _explain(err: OmegaConfBaseException, schema: DictConfig, source: str) -> Co
     key = getattr(err, "full_key", None) or ""
     msg = str(err).splitlines()[0]
     if isinstance(err, ConfigKeyError) and key:
-        close = closest_key(key, _all_keys(schema))
+        close = closest_key(key, config_keys(schema))
         hint = f"; did you mean '{close}'?" if close else ""
         return ConfigError(f"unknown config key '{key}' in {source}{hint}")
     where = f"'{key}'" if key else "config"

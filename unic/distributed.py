@@ -37,13 +37,15 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` (CUDA when available), ``cpu`` or ``cuda`` as this rank's device; a clear error for CUDA
-    requested on a machine without it."""
+    """``auto`` (CUDA when available), ``cpu`` or ``cuda`` as this rank's device; CUDA requested on a machine
+    without it is a :class:`unic.config.ConfigError` (a user error, like any bad setting)."""
+    from unic.config import ConfigError
+
     if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"unknown device {device!r}: auto, cpu or cuda")
+        raise ConfigError(f"invalid value for 'run.device': {device!r}; choose one of auto, cpu, cuda")
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda was requested but CUDA is not available")
+        raise ConfigError("run.device=cuda was requested but CUDA is not available on this machine")
     return torch.device("cuda", get_local_rank()) if use_cuda else torch.device("cpu")
 
 

@@ -19,10 +19,11 @@ closest known one. :func:`parse_dataset` reads dinov2-style specs (``"dtd:split_
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 KINDS = ("uned", "folder", "imagenet", "transfer", "ade20k")
@@ -64,7 +65,7 @@ def _transfer(name: str, layout: str, reader: str, counts: tuple[int, int, int] 
 _ENTRIES: list[DatasetSpec] = [
     # --- UnED layout: training (UDON / UNIC) and universal retrieval
     DatasetSpec("demo", "uned", "retrieval", f"generated on first use: {_UNED_LAYOUT}", ("train", "val", "test"),
-                {"metrics": "uned", "crop_ratio": 1.0}, trainable=True, generated=True),
+                {"metrics": "uned", "crop_ratio": 1.0, "root": "~/.cache/unic/demo"}, trainable=True, generated=True),
     DatasetSpec("uned", "uned", "retrieval", _UNED_LAYOUT, ("train", "val", "test"),
                 {"metrics": "uned", "crop_ratio": 1.0}, trainable=True),
     # --- folder retrieval benchmarks (SOP, CUB, Cars: leave-one-out; In-Shop: query/gallery)
@@ -73,12 +74,12 @@ _ENTRIES: list[DatasetSpec] = [
                 ("test", "index"), {"metrics": "recall", "crop_ratio": 0.875, "modes": ("separate",)}),
     # --- ImageNet layout: distillation and weighted kNN (val queries, train bank)
     DatasetSpec("imagenet", "imagenet", "knn", "root/train/<class>/<image> and root/val/<class>/<image>",
-                ("val", "train"), {"crop_ratio": 0.875, "bank_split": "train"}, trainable=True),
+                ("val", "train"), {"crop_ratio": 0.875, "bank_split": "train", "name": "imagenet"}, trainable=True),
     # --- the t-ReX transfer suite (unic.data.transfer reads each official layout)
     _transfer("imagefolder", "D/train/<class>/<image> and D/test/<class>/<image>: trainval = D/trainval, or "
               "D/train (+ D/val when D/test exists); test = D/test, or D/val", "read_imagefolder", None),
     _transfer("in1k", "D/train/<wnid>/*.JPEG and D/val/<wnid>/*.JPEG (validation images sorted into class "
-              "folders)", "read_in1k", (1000, 1_281_167, 50_000)),
+              "folders)", "read_in1k", (1000, 1_281_167, 50_000), clf_type="logreg_torch"),
     _transfer("aircraft", "FGVC-Aircraft 2013b: D/data/images/<id>.jpg, D/data/variants.txt and "
               "D/data/images_variant_{trainval,test}.txt", "read_aircraft", (100, 6667, 3333)),
     _transfer("cars196", "D/cars_annos.mat and D/car_ims/*.jpg (original release), or torchvision's layout "
@@ -98,11 +99,12 @@ _ENTRIES: list[DatasetSpec] = [
               "and Testing_<NN>.txt (Partitions.zip) in D or D/Partitions (NN = split_no, default 01)",
               "read_sun397", (397, 19_850, 19_850)),
     _transfer("inat2018", "D/train2018.json and D/val2018.json with the image folders they reference, relative "
-              "to D", "read_inat", (8142, 437_513, 24_426)),
+              "to D", "read_inat", (8142, 437_513, 24_426), clf_type="logreg_torch"),
     _transfer("inat2019", "D/train2019.json and D/val2019.json with the image folders they reference, relative "
-              "to D", "read_inat", (1010, 265_213, 3030)),
+              "to D", "read_inat", (1010, 265_213, 3030), clf_type="logreg_torch"),
     *(_transfer(f"cog_l{level}", f"D = the full ImageNet (IN-21K) root with D/<wnid>/*.JPEG, and the ImageNet-CoG "
-                f"files {_COG_FILES} (github.com/naver/cog) in D or given explicitly", "read_cog", counts)
+                f"files {_COG_FILES} (github.com/naver/cog) in D or given explicitly", "read_cog", counts,
+                clf_type="logreg_torch")
       for level, counts in zip(range(1, 6), [(1000, 1_118_804, 50_000), (1000, 1_115_788, 50_000),
                                              (1000, 1_095_203, 50_000), (1000, 1_107_128, 50_000),
                                              (1000, 1_091_654, 50_000)])),
@@ -115,6 +117,30 @@ _ENTRIES: list[DatasetSpec] = [
 DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in _ENTRIES}
 assert len(DATASETS) == len(_ENTRIES), "a dataset name is registered twice"
 assert all(spec.kind in KINDS and spec.protocol in PROTOCOLS for spec in _ENTRIES)
+
+
+def register(spec: DatasetSpec) -> DatasetSpec:
+    """Add an entry (a benchmark of one's own, from a script or a notebook); a taken name is an error."""
+    if spec.kind not in KINDS or spec.protocol not in PROTOCOLS:
+        raise ValueError(f"dataset {spec.name!r}: kind must be one of {KINDS} and protocol one of {PROTOCOLS}")
+    if spec.name in DATASETS:
+        raise ValueError(f"dataset {spec.name!r} is registered already")
+    _ENTRIES.append(spec)
+    DATASETS[spec.name] = spec
+    return spec
+
+
+@contextlib.contextmanager
+def registered(*specs: DatasetSpec) -> Iterator[None]:
+    """Entries that exist only inside the ``with`` block (tests)."""
+    for spec in specs:
+        register(spec)
+    try:
+        yield
+    finally:
+        for spec in specs:
+            _ENTRIES.remove(spec)
+            del DATASETS[spec.name]
 
 
 def dataset_names(protocol: str | None = None, kind: str | None = None, trainable: bool | None = None) -> list[str]:

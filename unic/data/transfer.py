@@ -7,7 +7,11 @@ the official test split as test, and a seeded per-class split for EuroSAT, which
 
 ``strict=True`` (the default) requires the class and sample counts of the official release, as t-ReX asserts,
 and every listed file to exist; ``strict=False`` only warns, and drops listed files that are missing, so a
-partial copy or a toy version of a layout can be evaluated. :data:`LAYOUTS` says what each reader expects.
+partial copy or a toy version of a layout can be evaluated.
+
+A data set's layout text, official counts and reader are its entry in :mod:`unic.data.registry`
+(``get_dataset(name, kinds=("transfer",))``): adding a transfer data set is one entry there plus its
+``read_<name>(name, data_dir, split, options)`` here.
 """
 
 from __future__ import annotations
@@ -16,67 +20,19 @@ import json
 import logging
 import os
 import pickle
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from unic.data.folders import IMG_EXTENSIONS, scan_image_folder
+from unic.data.registry import DatasetSpec, get_dataset
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("trainval", "test")
-COG_LEVELS = tuple(f"cog_l{level}" for level in range(1, 6))
 COG_LEVELS_FILE = "cog_levels_mapping_file.pkl"
 COG_SPLIT_FILE = "cog_concepts_split_file.pkl"
-
-LAYOUTS = {
-    "imagefolder": "D/train/<class>/<image> and D/test/<class>/<image>: trainval = D/trainval, or D/train (+ D/val "
-    "when D/test exists); test = D/test, or D/val",
-    "in1k": "D/train/<wnid>/*.JPEG and D/val/<wnid>/*.JPEG (validation images sorted into class folders)",
-    "aircraft": "FGVC-Aircraft 2013b: D/data/images/<id>.jpg, D/data/variants.txt and "
-    "D/data/images_variant_{trainval,test}.txt",
-    "cars196": "D/cars_annos.mat and D/car_ims/*.jpg (original release), or torchvision's layout "
-    "D/devkit/{cars_meta,cars_train_annos}.mat, D/cars_test_annos_withlabels.mat, D/cars_train/, D/cars_test/",
-    "dtd": "D/images/<class>/*.jpg and D/labels/{train,val,test}<N>.txt (N = split_no, default 1)",
-    "eurosat": "EuroSAT RGB: D/<class>/*.jpg (10 classes, 27,000 images; D/2750/ is accepted too)",
-    "flowers": "Oxford Flowers-102: D/jpg/image_<NNNNN>.jpg, D/imagelabels.mat and D/setid.mat",
-    "pets": "Oxford-IIIT Pets: D/images/*.jpg and D/annotations/{trainval,test}.txt",
-    "food101": "D/images/<class>/*.jpg and D/meta/{train,test}.txt",
-    "sun397": "D/SUN397/<letter>/<class>/*.jpg (SUN397.tar.gz) with ClassName.txt, Training_<NN>.txt and "
-    "Testing_<NN>.txt (Partitions.zip) in D or D/Partitions (NN = split_no, default 01)",
-    "inat2018": "D/train2018.json and D/val2018.json with the image folders they reference, relative to D",
-    "inat2019": "D/train2019.json and D/val2019.json with the image folders they reference, relative to D",
-    **{
-        level: f"D = the full ImageNet (IN-21K) root with D/<wnid>/*.JPEG, and the ImageNet-CoG files "
-        f"{COG_LEVELS_FILE} and {COG_SPLIT_FILE} (github.com/naver/cog) in D or given explicitly"
-        for level in COG_LEVELS
-    },
-}
-DATASETS = tuple(LAYOUTS)
-
-# (classes, trainval samples, test samples) of the official releases, as asserted by t-ReX.
-OFFICIAL_COUNTS = {
-    "in1k": (1000, 1_281_167, 50_000),
-    "aircraft": (100, 6667, 3333),
-    "cars196": (196, 8144, 8041),
-    "dtd": (47, 3760, 1880),
-    "eurosat": (10, 18_900, 8100),
-    "flowers": (102, 2040, 6149),
-    "pets": (37, 3680, 3669),
-    "food101": (101, 75_750, 25_250),
-    "sun397": (397, 19_850, 19_850),
-    "inat2018": (8142, 437_513, 24_426),
-    "inat2019": (1010, 265_213, 3030),
-    "cog_l1": (1000, 1_118_804, 50_000),
-    "cog_l2": (1000, 1_115_788, 50_000),
-    "cog_l3": (1000, 1_095_203, 50_000),
-    "cog_l4": (1000, 1_107_128, 50_000),
-    "cog_l5": (1000, 1_091_654, 50_000),
-}
-# EuroSAT has no official split: t-ReX (after Feng et al. 2022) keeps 810 test images per class, the rest
-# (540 val + train) is trainval.
-EUROSAT_TEST_PER_CLASS = 810
 
 Sample = tuple[str, list[int], int]
 
@@ -91,6 +47,7 @@ class TransferSplit:
 
     samples: list[Sample]
     classes: list[str]
+    scanned: bool = False  # found by listing folders (every file exists), not read from a split file
 
     @property
     def num_classes(self) -> int:
@@ -105,10 +62,19 @@ class TransferSplit:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _spec(name: str) -> DatasetSpec:
+    """The registry entry of transfer data set ``name`` (a ValueError naming the closest one otherwise)."""
+    return get_dataset(name, kinds=("transfer",), what="transfer data set")
+
+
+def _layout(name: str) -> str:
+    return _spec(name).layout
+
+
 def _expect(name: str, data_dir: str, path: str, what: str) -> str:
     """``path`` if it exists, else a FileNotFoundError naming the missing file and the expected layout."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{name}: {what} not found: {path} (data_dir={data_dir}; expected {LAYOUTS[name]})")
+        raise FileNotFoundError(f"{name}: {what} not found: {path} (data.root={data_dir}; expected {_layout(name)})")
     return path
 
 
@@ -131,8 +97,8 @@ def _loadmat(path: str) -> dict:
     return loadmat(path, squeeze_me=True)
 
 
-def _make(samples: list[tuple[str, int]], classes: Sequence[str]) -> TransferSplit:
-    return TransferSplit([(path, [int(label)], 0) for path, label in samples], list(classes))
+def _make(samples: list[tuple[str, int]], classes: Sequence[str], scanned: bool = False) -> TransferSplit:
+    return TransferSplit([(path, [int(label)], 0) for path, label in samples], list(classes), scanned)
 
 
 def _class_folders(name: str, data_dir: str, folder: str) -> list[str]:
@@ -154,7 +120,7 @@ def _folder_split(name: str, data_dir: str, folders: Sequence[str], classes: Seq
                 f"split ({len(classes)} classes), e.g. {unknown[:5]}"
             )
         samples += [(path, index[folder_classes[labels[0]]]) for path, labels, _ in folder_samples]
-    return _make(samples, classes)
+    return _make(samples, classes, scanned=True)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -162,7 +128,7 @@ def _folder_split(name: str, data_dir: str, folders: Sequence[str], classes: Seq
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _imagefolder(name: str, data_dir: str, split: str, opts: dict) -> TransferSplit:
+def read_imagefolder(name: str, data_dir: str, split: str, opts: dict) -> TransferSplit:
     has = {sub: os.path.isdir(os.path.join(data_dir, sub)) for sub in ("trainval", "train", "val", "test")}
     if has["trainval"]:
         trainval = ["trainval"]
@@ -173,17 +139,17 @@ def _imagefolder(name: str, data_dir: str, split: str, opts: dict) -> TransferSp
         return _folder_split(name, data_dir, trainval, classes)
     if not (has["test"] or has["val"]):
         raise FileNotFoundError(
-            f"{name}: no test split: neither {data_dir}/test nor {data_dir}/val exists (expected {LAYOUTS[name]})"
+            f"{name}: no test split: neither {data_dir}/test nor {data_dir}/val exists (expected {_layout(name)})"
         )
     return _folder_split(name, data_dir, ["test" if has["test"] else "val"], classes)
 
 
-def _in1k(name: str, data_dir: str, split: str, opts: dict) -> TransferSplit:
+def read_in1k(name: str, data_dir: str, split: str, opts: dict) -> TransferSplit:
     classes = _class_folders(name, data_dir, "train")
     return _folder_split(name, data_dir, ["train" if split == "trainval" else "val"], classes)
 
 
-def _aircraft(name: str, data_dir: str, split: str, opts: dict) -> TransferSplit:
+def read_aircraft(name: str, data_dir: str, split: str, opts: dict) -> TransferSplit:
     root = os.path.join(_find_root(data_dir, "data/variants.txt", ["fgvc-aircraft-2013b"]), "data")
     classes = _read_lines(_expect(name, data_dir, os.path.join(root, "variants.txt"), "class list"))
     index = {cls: i for i, cls in enumerate(classes)}
@@ -197,7 +163,7 @@ def _aircraft(name: str, data_dir: str, split: str, opts: dict) -> TransferSplit
     return _make(samples, classes)
 
 
-def _cars196(name: str, data_dir: str, split: str, opts: dict) -> TransferSplit:
+def read_cars196(name: str, data_dir: str, split: str, opts: dict) -> TransferSplit:
     if os.path.isfile(os.path.join(data_dir, "cars_annos.mat")):  # original release: one file, a 'test' flag
         mat = _loadmat(os.path.join(data_dir, "cars_annos.mat"))
         annotations = np.atleast_1d(mat["annotations"])
@@ -220,7 +186,7 @@ def _cars196(name: str, data_dir: str, split: str, opts: dict) -> TransferSplit:
     return _make(samples, [str(c) for c in classes])
 
 
-def _dtd(name: str, data_dir: str, split: str, opts: dict) -> TransferSplit:
+def read_dtd(name: str, data_dir: str, split: str, opts: dict) -> TransferSplit:
     root = _find_root(data_dir, "labels", ["dtd", os.path.join("dtd", "dtd")])
     images = _expect(name, data_dir, os.path.join(root, "images"), "image folder")
     classes = sorted(e.name for e in os.scandir(images) if e.is_dir())
@@ -237,27 +203,29 @@ def _dtd(name: str, data_dir: str, split: str, opts: dict) -> TransferSplit:
     return _make(samples, classes)
 
 
-def _eurosat(name: str, data_dir: str, split: str, opts: dict) -> TransferSplit:
+def read_eurosat(name: str, data_dir: str, split: str, opts: dict) -> TransferSplit:
     root = data_dir
     for sub in ("2750", os.path.join("eurosat", "2750")):
         if os.path.isdir(os.path.join(data_dir, sub)):
             root = os.path.join(data_dir, sub)
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
     if not classes:
-        raise FileNotFoundError(f"{name}: no class folder in {root} (expected {LAYOUTS[name]})")
-    # No official split: a fixed seeded draw of 810 test images per class (30 % for smaller classes).
+        raise FileNotFoundError(f"{name}: no class folder in {root} (expected {_layout(name)})")
+    # No official split: t-ReX (after Feng et al. 2022) draws 810 test images per class (the registry's
+    # test_per_class; 30 % for smaller classes) with a fixed seed, the rest (540 val + train) is trainval.
+    test_per_class = _spec(name).defaults["test_per_class"]
     rng = np.random.RandomState(int(opts.get("split_seed", 0)))
     samples = []
     for label, cls in enumerate(classes):  # sorted, so the draws happen in a fixed order
         files = sorted(f for f in os.listdir(os.path.join(root, cls)) if f.lower().endswith(IMG_EXTENSIONS))
         order = rng.permutation(len(files))
-        num_test = min(EUROSAT_TEST_PER_CLASS, int(round(0.3 * len(files))))
+        num_test = min(test_per_class, int(round(0.3 * len(files))))
         chosen = order[:num_test] if split == "test" else order[num_test:]
         samples += [(os.path.join(root, cls, files[i]), label) for i in sorted(chosen)]
     return _make(samples, classes)
 
 
-def _flowers(name: str, data_dir: str, split: str, opts: dict) -> TransferSplit:
+def read_flowers(name: str, data_dir: str, split: str, opts: dict) -> TransferSplit:
     root = _find_root(data_dir, "setid.mat", ["flowers-102"])
     labels = np.atleast_1d(_loadmat(_expect(name, data_dir, os.path.join(root, "imagelabels.mat"), "labels"))["labels"])
     split_ids = _loadmat(_expect(name, data_dir, os.path.join(root, "setid.mat"), "split file"))
@@ -268,7 +236,7 @@ def _flowers(name: str, data_dir: str, split: str, opts: dict) -> TransferSplit:
     return _make(samples, classes)
 
 
-def _pets(name: str, data_dir: str, split: str, opts: dict) -> TransferSplit:
+def read_pets(name: str, data_dir: str, split: str, opts: dict) -> TransferSplit:
     root = _find_root(data_dir, "annotations", ["oxford-iiit-pet"])
     _expect(name, data_dir, os.path.join(root, "annotations", f"{split}.txt"), f"{split} split file")
     samples, names = [], {}
@@ -286,7 +254,7 @@ def _pets(name: str, data_dir: str, split: str, opts: dict) -> TransferSplit:
     return _make(samples, classes)
 
 
-def _food101(name: str, data_dir: str, split: str, opts: dict) -> TransferSplit:
+def read_food101(name: str, data_dir: str, split: str, opts: dict) -> TransferSplit:
     root = _find_root(data_dir, "meta", ["food-101"])
     images = _expect(name, data_dir, os.path.join(root, "images"), "image folder")
     classes_file = os.path.join(root, "meta", "classes.txt")
@@ -306,7 +274,7 @@ def _food101(name: str, data_dir: str, split: str, opts: dict) -> TransferSplit:
     return _make(samples, classes)
 
 
-def _sun397(name: str, data_dir: str, split: str, opts: dict) -> TransferSplit:
+def read_sun397(name: str, data_dir: str, split: str, opts: dict) -> TransferSplit:
     split_no = int(opts.get("split_no", 1))
     part = f"{'Training' if split == 'trainval' else 'Testing'}_{split_no:02d}.txt"
     lists = _find_root(data_dir, part, ["Partitions", "SUN397"])
@@ -324,7 +292,7 @@ def _sun397(name: str, data_dir: str, split: str, opts: dict) -> TransferSplit:
     return _make(samples, classes)
 
 
-def _inat(name: str, data_dir: str, split: str, opts: dict) -> TransferSplit:
+def read_inat(name: str, data_dir: str, split: str, opts: dict) -> TransferSplit:
     year = name[len("inat"):]
     ann_file = os.path.join(data_dir, f"{'train' if split == 'trainval' else 'val'}{year}.json")
     _expect(name, data_dir, ann_file, f"{split} annotation file")
@@ -365,7 +333,7 @@ def _load_cog_pickle(path: str):
             raise DatasetError(f"{path} is not an ImageNet-CoG file: {err}") from None
 
 
-def _cog(name: str, data_dir: str, split: str, opts: dict) -> TransferSplit:
+def read_cog(name: str, data_dir: str, split: str, opts: dict) -> TransferSplit:
     level = int(name[-1])
     levels_file = opts.get("cog_levels_mapping_file") or os.path.join(data_dir, COG_LEVELS_FILE)
     split_file = opts.get("cog_concepts_split_file") or os.path.join(data_dir, COG_SPLIT_FILE)
@@ -384,48 +352,32 @@ def _cog(name: str, data_dir: str, split: str, opts: dict) -> TransferSplit:
     return _make(samples, concepts)
 
 
-READERS: dict[str, Callable[[str, str, str, dict], TransferSplit]] = {
-    "imagefolder": _imagefolder,
-    "in1k": _in1k,
-    "aircraft": _aircraft,
-    "cars196": _cars196,
-    "dtd": _dtd,
-    "eurosat": _eurosat,
-    "flowers": _flowers,
-    "pets": _pets,
-    "food101": _food101,
-    "sun397": _sun397,
-    "inat2018": _inat,
-    "inat2019": _inat,
-    **{level: _cog for level in COG_LEVELS},
-}
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------------------------
 
 
 def _check_files(name: str, split: TransferSplit, split_name: str, strict: bool) -> TransferSplit:
-    """Listed files that do not exist: an error when strict, else dropped with a warning. (Folder layouts are
-    scanned from disk, so only list-based layouts need it.)"""
-    if name in ("imagefolder", "in1k"):
+    """Listed files that do not exist: an error when strict, else dropped with a warning. (Splits scanned from
+    the folders on disk need no check.)"""
+    if split.scanned:
         return split
     missing = [path for path, _, _ in split.samples if not os.path.isfile(path)]
     if not missing:
         return split
     message = f"{name} {split_name}: {len(missing)} of {len(split.samples)} listed image(s) missing, e.g. {missing[0]}"
     if strict:
-        raise DatasetError(f"{message} (expected {LAYOUTS[name]}; strict=False / --allow_partial drops them)")
+        raise DatasetError(f"{message} (expected {_layout(name)}; data.allow_partial=true drops them)")
     logger.warning("%s: dropping them", message)
     missing_set = set(missing)
     return TransferSplit([s for s in split.samples if s[0] not in missing_set], split.classes)
 
 
 def _check_counts(name: str, splits: dict[str, TransferSplit], strict: bool) -> None:
-    if name not in OFFICIAL_COUNTS:
+    counts = _spec(name).defaults.get("counts")  # (classes, trainval, test) of the official release
+    if counts is None:
         return
-    num_classes, *num_samples = OFFICIAL_COUNTS[name]
+    num_classes, *num_samples = counts
     problems = []
     if splits["trainval"].num_classes != num_classes:
         problems.append(f"{splits['trainval'].num_classes} classes instead of {num_classes}")
@@ -436,18 +388,17 @@ def _check_counts(name: str, splits: dict[str, TransferSplit], strict: bool) -> 
         return
     message = f"{name}: found {', '.join(problems)} of the official release"
     if strict:
-        raise DatasetError(f"{message} (expected {LAYOUTS[name]}; use --allow_partial to evaluate it anyway)")
+        raise DatasetError(f"{message} (expected {_layout(name)}; data.allow_partial=true evaluates it anyway)")
     logger.warning(message)
 
 
 def _read(name: str, data_dir: str, split: str, options: dict) -> TransferSplit:
-    if name not in READERS:
-        raise ValueError(f"unknown data set '{name}', expected one of {', '.join(DATASETS)}")
+    spec = _spec(name)
     if split not in SPLITS:
         raise ValueError(f"unknown split '{split}', expected one of {SPLITS}")
     if not os.path.isdir(data_dir):
-        raise FileNotFoundError(f"{name}: data_dir {data_dir} is not a folder (expected {LAYOUTS[name]})")
-    result = READERS[name](name, data_dir, split, options)
+        raise FileNotFoundError(f"{name}: data.root {data_dir} is not a folder (expected {spec.layout})")
+    result = spec.reader()(name, data_dir, split, options)
     labels = result.labels()
     if len(labels) and (labels.min() < 0 or labels.max() >= result.num_classes):
         raise DatasetError(f"{name} {split}: labels outside [0, {result.num_classes}) (class-count mismatch)")
@@ -456,7 +407,7 @@ def _read(name: str, data_dir: str, split: str, options: dict) -> TransferSplit:
 
 def _check_nonempty(name: str, data_dir: str, split: str, result: TransferSplit) -> TransferSplit:
     if not result.samples:
-        raise DatasetError(f"{name}: the {split} split of {data_dir} is empty (expected {LAYOUTS[name]})")
+        raise DatasetError(f"{name}: the {split} split of {data_dir} is empty (expected {_layout(name)})")
     return result
 
 

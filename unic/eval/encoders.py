@@ -89,70 +89,43 @@ class Encoder(nn.Module):
         return self.backbone.embed_dim
 
 
-def _linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
-    layer = nn.Linear(weight.shape[1], weight.shape[0])
-    layer.load_state_dict({"weight": weight, "bias": bias})
-    return layer
-
-
-def _unic_heads(ckpt: dict) -> tuple[dict | None, dict[str, dict]]:
-    """(universal {weight, bias} or None, {domain: {weight, bias}}) from a training or universal file."""
-    if ckpt.get("format") == "unic-universal":
-        return ckpt.get("universal"), dict(ckpt.get("teacher_heads", {}))
-    model = ckpt.get("model", {})
-    universal = None
-    if "udon.universal.weight" in model:
-        universal = {"weight": model["udon.universal.weight"], "bias": model["udon.universal.bias"]}
-    heads: dict[str, dict] = {}
-    prefix = "udon.teacher_heads."
-    for key, value in model.items():
-        if key.startswith(prefix):
-            domain, param = key[len(prefix):].rsplit(".", 1)
-            heads.setdefault(domain, {})[param] = value
-    return universal, heads
-
-
 def load_domain_encoders(path: str, domains: Sequence[str], device: str | torch.device = "cpu") -> dict[str, Encoder]:
     """Each domain's own teacher head on one shared backbone (the specialist "oracle" row UDON reports)."""
-    from unic.io import load_checkpoint
+    from unic.models.export import load_unic_file
 
-    _, heads = _unic_heads(load_checkpoint(path))
+    backbone, _, heads = load_unic_file(path)
     missing = [domain for domain in domains if domain not in heads]
     if missing:
         raise ValueError(f"{path} has no teacher head for {missing} (has: {sorted(heads)})")
-    base = load_encoder(path, "backbone", device=device)
+    backbone = backbone.to(device)
     return {
-        domain: Encoder(base.backbone, f"domain:{domain}", base.img_size, base.mean, base.std,
-                        head=_linear(heads[domain]["weight"], heads[domain]["bias"]).to(device),
-                        name=f"{path}:domain:{domain}")
+        domain: Encoder(backbone, f"domain:{domain}", backbone.unic_img_size, backbone.pretrained_cfg["mean"],
+                        backbone.pretrained_cfg["std"], head=heads[domain].to(device), name=f"{path}:domain:{domain}")
         for domain in domains
     }
 
 
 def _from_unic_file(path: str, embedding: str) -> Encoder:
-    from unic.models.student import backbone_from_checkpoint
-    from unic.io import load_checkpoint
+    """The descriptor ``embedding`` of a UNIC file (the file formats: :mod:`unic.models.export`)."""
+    from unic.models.export import load_unic_file
 
-    ckpt = load_checkpoint(path)
-    backbone = backbone_from_checkpoint(ckpt, path)
-    img_size = backbone.unic_img_size
-    universal, heads = _unic_heads(ckpt)
+    backbone, universal, heads = load_unic_file(path)
     if embedding == "auto":
         embedding = "universal" if universal is not None else "backbone"
     head = None
     if embedding == "universal":
         if universal is None:
             raise ValueError(f"{path} has no universal embedding (train with UDON heads, or use embedding=backbone)")
-        head = _linear(universal["weight"], universal["bias"])
+        head = universal
     elif embedding.startswith("domain:"):
         domain = embedding[len("domain:"):]
         if domain not in heads:
             raise ValueError(f"{path} has no teacher head for domain '{domain}' (has: {sorted(heads)})")
-        head = _linear(heads[domain]["weight"], heads[domain]["bias"])
+        head = heads[domain]
     elif embedding != "backbone":
         raise ValueError(f"unknown embedding '{embedding}': auto, backbone, universal or domain:<name>")
-    return Encoder(backbone, embedding, img_size, backbone.pretrained_cfg["mean"], backbone.pretrained_cfg["std"],
-                   head=head, name=f"{path}:{embedding}")
+    return Encoder(backbone, embedding, backbone.unic_img_size, backbone.pretrained_cfg["mean"],
+                   backbone.pretrained_cfg["std"], head=head, name=f"{path}:{embedding}")
 
 
 def _from_timm(name: str, weights: str | None) -> Encoder:

@@ -22,7 +22,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 
-from unic.eval.search import ArrayLike, as_float32, search
+from unic.eval.search import SEARCH_CHUNK, ArrayLike, as_float32, search
 
 logger = logging.getLogger(__name__)
 
@@ -295,7 +295,7 @@ def evaluate_uned(
     mode: Literal["separate", "merged"] = "merged",
     metrics: Sequence[str] = UNED_METRICS,
     normalize: bool = True,
-    chunk_size: int = 8192,
+    chunk_size: int = SEARCH_CHUNK,
     progress: bool | None = None,
 ) -> dict[str, dict[str, float]]:
     """Retrieval scores per domain and their unweighted mean over domains ("average").

@@ -1,13 +1,15 @@
 """Retrieval and weighted-kNN evaluation (SPEC section 8): image sets, descriptor files, protocols, reports.
 
-``run`` is what ``main_retrieval.py`` does: validate every input (creating nothing), build the (domain, split)
-image sets of a benchmark and the query/index pairs that evaluate them, extract descriptors with the one
+``run`` is what ``main_retrieval.py`` does with its validated :class:`RetrievalConfig`: check every input
+(creating nothing), build the (domain, split) image sets of a dataset registry entry (:func:`image_sets`, one
+builder per kind) and the query/index pairs that evaluate them, extract descriptors with the one
 shared routine (``unic.eval.features``, sharded over ranks, gathered in dataset order), save them to
 ``descriptors.npz``, then on rank 0 search them (exact FAISS, ``unic.eval.search``), score them
 (``unic.eval.metrics``, ``unic.eval.knn``) and report: a table on stdout, ``results.json``, TensorBoard
-scalars and neighbour figures.
+scalars and neighbour figures, next to the resolved ``config.yaml``.
 
-Benchmarks
+Benchmarks (kinds of ``unic.data.registry`` entries; the entry gives the task, metrics, crop and modes that
+apply by default, so a new benchmark of one of these layouts is one registry entry)
 - UnED layout (``root/info_files/<domain>/<split>.json`` + ``root/images``): the UnED pairs for the UnED
   domains (``UNED_TEST_PAIRS`` / ``UNED_VAL_PAIRS``); any other domain is searched in its ``index`` split
   (test) or ``small_index`` split (val) when it has one, else in its own query split (leave-one-out).
@@ -33,12 +35,17 @@ import os
 import re
 import zipfile
 from collections.abc import Collection, Mapping, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 
 from unic import distributed
+from unic.cli import write_resolved_config
+from unic.config import ConfigError, LoaderConfig, ModelConfig, RunConfig, check_choices, check_range
 from unic.data.folders import ImageListDataset, scan_image_folder
+from unic.data.registry import DATASETS, DatasetSpec, dataset_names, get_dataset
 from unic.eval.encoders import Encoder, load_domain_encoders, load_encoder
 from unic.eval.features import extract_features
 from unic.eval.knn import weighted_knn
@@ -54,7 +61,8 @@ from unic.eval.metrics import (
     metrics_depth,
     relevance_matrix,
 )
-from unic.eval.search import search
+from unic.eval.search import SEARCH_CHUNK, search
+from unic.io import atomic_write, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +74,6 @@ RECALL_METRICS = tuple(f"R@{k}" for k in RECALL_KS) + ("mAP@100",)
 METRIC_PRESETS: dict[str, tuple[str, ...]] = {"uned": UNED_METRICS, "recall": RECALL_METRICS, "all": ALL_METRICS}
 KNN_KS = (10, 20, 100, 200)
 MODES = ("separate", "merged")
-DATA_KINDS = ("demo", "uned", "folder", "imagenet")
 NUM_FIGURE_NEIGHBORS = 8
 DESCRIPTOR_FILE = "descriptors.npz"
 DESCRIPTOR_FORMAT = "unic-descriptors"
@@ -75,7 +82,7 @@ _ARRAY_KEY = re.compile(r"(?P<domain>.+):(?P<split>[^:]+):(?P<kind>x|y)")
 
 
 class InputError(Exception):
-    """A problem with the user's inputs (flags, files, data layout), found before anything is written."""
+    """A problem with the user's inputs (settings, files, data layout), found before anything is written."""
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -110,7 +117,7 @@ def parse_pairs(specs: Sequence[str]) -> Pairs:
     for spec in specs:
         match = re.fullmatch(r"(.+)=([^:=]+):([^:=]+)", spec)
         if match is None:
-            raise ValueError(f"--pairs: expected DOMAIN=QUERY_SPLIT:INDEX_SPLIT, got {spec!r}")
+            raise ValueError(f"data.pairs: expected DOMAIN=QUERY_SPLIT:INDEX_SPLIT, got {spec!r}")
         pairs[match.group(1)] = (match.group(2), match.group(3))
     return pairs
 
@@ -122,7 +129,7 @@ def parse_metrics(spec: str | Sequence[str]) -> tuple[str, ...]:
     parts = spec.split(",") if isinstance(spec, str) else spec
     names = tuple(dict.fromkeys(name.strip() for name in parts if name.strip()))
     if not names:
-        raise ValueError(f"--metrics: no metric in {spec!r}")
+        raise ValueError(f"retrieval.metrics: no metric in {spec!r}")
     metrics_depth(names)  # raises on an unknown name
     return names
 
@@ -149,11 +156,11 @@ def check_pairs(features: Features, pairs: Pairs, modes: Sequence[str] = ()) -> 
         dims = {features[domain][pairs[domain][0]].embeddings.shape[1] for domain in pairs}
         if len(dims) > 1:
             raise ValueError(f"a merged index needs one descriptor dim across domains, got {sorted(dims)} "
-                             "(use --modes separate)")
+                             "(use retrieval.modes=[separate])")
 
 
 # ------------------------------------------------------------------------------------------------------------
-# image sets
+# image sets of a registry entry (kinds uned, folder, imagenet)
 
 
 def available_splits(root: str, domains: Sequence[str]) -> dict[str, set[str]]:
@@ -171,16 +178,57 @@ def available_splits(root: str, domains: Sequence[str]) -> dict[str, set[str]]:
     return out
 
 
-def uned_image_sets(root: str, pairs: Pairs, transform) -> ImageSets:
-    """One data set per (domain, split) the pairs use, read from ``root/info_files`` (validated, ordered)."""
+def benchmark_domains(
+    spec: DatasetSpec, root: str, domains: Sequence[str] | None = None, pairs: Pairs | None = None,
+    name: str | None = None,
+) -> list[str]:
+    """The domains :func:`image_sets` evaluates (what the encoders are loaded for): for the UnED layout the
+    explicit pairs' domains (those of ``domains`` when given), else ``domains``, else every domain of ``root``;
+    the one benchmark ``name`` of a folder or ImageNet layout."""
+    if spec.kind != "uned":
+        return [name]
+    if pairs:
+        return [domain for domain in pairs if not domains or domain in domains]
+    from unic.data.uned import list_domains
+
+    return list(domains) if domains else list_domains(root)
+
+
+def image_sets(
+    spec: DatasetSpec, root: str, split: str, transform, task: str = "retrieval",
+    domains: Sequence[str] | None = None, pairs: Pairs | None = None, name: str | None = None,
+) -> tuple[ImageSets, Pairs]:
+    """The (domain, split) image sets of a registry entry and the query/index pairs that evaluate them (kNN:
+    query/bank); one builder per kind, validated and in a fixed order. ``domains`` and ``pairs`` select
+    within a UnED layout (see :func:`default_pairs`); ``name`` names a folder or ImageNet benchmark."""
+    if spec.kind == "uned":
+        return uned_image_sets(root, split, transform, task, domains or benchmark_domains(spec, root, None, pairs),
+                               pairs)
+    if spec.kind == "folder":
+        return folder_image_sets(root, name, transform)
+    if spec.kind == "imagenet":
+        return imagenet_image_sets(root, split, transform, name, spec.defaults.get("bank_split", "train"))
+    raise ValueError(f"dataset {spec.name!r} (kind {spec.kind}) has no retrieval image sets")
+
+
+def uned_image_sets(
+    root: str, split: str, transform, task: str, domains: Sequence[str], pairs: Pairs | None = None
+) -> tuple[ImageSets, Pairs]:
+    """One data set per (domain, split) the pairs use, read from ``root/info_files``: the explicit ``pairs``
+    of ``domains``, else :func:`default_pairs` of ``domains`` from their split files."""
     from unic.data.uned import read_info_file
 
+    available = available_splits(root, domains)
+    if pairs:
+        pairs = {domain: pair for domain, pair in pairs.items() if domain in domains}
+    else:
+        pairs = default_pairs(domains, split, available, task)
     sets: ImageSets = {}
     for domain, splits in pairs.items():
-        for split in dict.fromkeys(splits):
-            samples = [(path, labels, 0) for path, labels in read_info_file(root, domain, split)]
-            sets[(domain, split)] = ImageListDataset(samples, transform, [domain])
-    return sets
+        for split_name in dict.fromkeys(splits):
+            samples = [(path, labels, 0) for path, labels in read_info_file(root, domain, split_name)]
+            sets[(domain, split_name)] = ImageListDataset(samples, transform, [domain])
+    return sets, pairs
 
 
 def _relabel(samples: list, classes: list[str], class_ids: Mapping[str, int]) -> list:
@@ -208,19 +256,21 @@ def folder_image_sets(root: str, name: str, transform) -> tuple[ImageSets, Pairs
     return sets, {name: ("test", "index")}
 
 
-def imagenet_image_sets(root: str, split: str, transform, name: str = "imagenet") -> tuple[ImageSets, Pairs]:
-    """ImageNet layout: ``root/<split>/<class>`` queries against the ``root/train/<class>`` bank (same names)."""
-    train, classes = scan_image_folder(os.path.join(root, "train"))
+def imagenet_image_sets(
+    root: str, split: str, transform, name: str = "imagenet", bank: str = "train"
+) -> tuple[ImageSets, Pairs]:
+    """ImageNet layout: ``root/<split>/<class>`` queries against the ``root/<bank>/<class>`` bank (same names)."""
+    train, classes = scan_image_folder(os.path.join(root, bank))
     queries, query_classes = scan_image_folder(os.path.join(root, split))
     class_ids = {c: i for i, c in enumerate(classes)}
     unknown = sorted(set(query_classes) - set(class_ids))
     if unknown:
-        raise ValueError(f"{os.path.join(root, split)} has classes absent from train: {unknown[:5]}")
+        raise ValueError(f"{os.path.join(root, split)} has classes absent from {bank}: {unknown[:5]}")
     sets = {
         (name, split): ImageListDataset(_relabel(queries, query_classes, class_ids), transform, [name]),
-        (name, "train"): ImageListDataset(train, transform, [name]),
+        (name, bank): ImageListDataset(train, transform, [name]),
     }
-    return sets, {name: (split, "train")}
+    return sets, {name: (split, bank)}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -237,7 +287,7 @@ def load_encoders(
     """The encoder of each domain: one shared encoder, or for ``embedding="oracle"`` each domain's own
     teacher head on one shared backbone (the specialist row UDON reports)."""
     if is_named_model(source) and embedding not in ("auto", "backbone"):
-        raise ValueError(f"{source} has only its image embedding (--embedding {embedding} needs a UNIC file)")
+        raise ValueError(f"{source} has only its image embedding (model.embedding={embedding} needs a UNIC file)")
     if embedding != "oracle":
         encoder = load_encoder(source, embedding, weights, device)
         return {domain: encoder for domain in domains}
@@ -292,15 +342,7 @@ def save_descriptors(path: str, features: Features, meta: Mapping | None = None)
             arrays[f"{domain}:{split}:y"] = np.asarray(labels, dtype=np.int64)
     if meta is not None:
         arrays[_META_KEY] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def load_descriptors(path: str) -> tuple[Features, dict]:
@@ -361,7 +403,7 @@ def evaluate_retrieval(
     pairs: Pairs,
     modes: Sequence[str] = MODES,
     metrics: Sequence[str] = UNED_METRICS,
-    chunk_size: int = 8192,
+    chunk_size: int = SEARCH_CHUNK,
     progress: bool | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """{mode: {domain | "average": {metric: value}}} for each of "separate" and "merged" (SPEC section 8)."""
@@ -558,36 +600,90 @@ def visualize_neighbors(
 
 
 # ------------------------------------------------------------------------------------------------------------
-# the evaluation run
+# the configuration of main_retrieval.py
+
+DEMO_CHECKPOINT = "output/demo/checkpoint.pth"
+TASKS = ("retrieval", "knn")
+RETRIEVAL_KINDS = ("uned", "folder", "imagenet")  # the registry kinds image_sets builds
+# the tasks a layout supports: a folder benchmark has no train split, an ImageNet layout no retrieval pairs
+KIND_TASKS = {"uned": TASKS, "folder": ("retrieval",), "imagenet": ("knn",)}
 
 
 @dataclasses.dataclass(kw_only=True)
-class EvalConfig:
-    """What ``main_retrieval.py`` parses; see its ``--help`` for each field."""
+class RetrievalModelConfig(ModelConfig):
+    """The encoder to evaluate (unic.eval.encoders.load_encoder), or saved descriptors instead."""
 
-    checkpoint: str | None = None
-    weights: str | None = None
-    embedding: str = "auto"
-    descriptors: str | None = None
-    data: str | None = None
-    data_root: str | None = None
-    name: str | None = None
-    split: str | None = None
-    domains: list[str] | None = None
-    pairs: list[str] | None = None
-    task: str | None = None
-    metrics: str | None = None
-    modes: list[str] | None = None
-    knn_k: list[int] = dataclasses.field(default_factory=lambda: list(KNN_KS))
-    temperature: float = 0.07
-    img_size: int | None = None
-    crop_ratio: float | None = None
-    batch_size: int = 128
-    num_workers: int = 8
-    precision: str = "auto"
-    chunk_size: int = 8192
-    visualize: int = 0
-    output_dir: str | None = None
+    source: Optional[str] = DEMO_CHECKPOINT  # UNIC .pth file, timm:<model>[.<tag>] or open_clip:<model>:<tag>
+    descriptors: Optional[str] = None  # a saved descriptors.npz to evaluate (no model, no images)
+
+
+@dataclasses.dataclass(kw_only=True)
+class RetrievalDataConfig(LoaderConfig):
+    """The benchmark: a dataset registry entry of kind uned, folder or imagenet (unic.data.registry)."""
+
+    dataset: str = "demo"  # demo | uned | folder | imagenet, or any registry entry of those kinds
+    root: Optional[str] = None  # the dataset's folder (demo: generated in the registry's folder)
+    split: Optional[str] = None  # query split (null: test for retrieval, val for kNN)
+    domains: Optional[list[str]] = None  # UnED layout: domains to evaluate (null: all)
+    pairs: Optional[list[str]] = None  # UnED layout: DOMAIN=QUERY:INDEX splits, e.g. [met=test:index]
+    name: Optional[str] = None  # benchmark name of a folder/imagenet dataset (null: the folder's name / imagenet)
+    img_size: Optional[int] = None  # input size (null: the encoder's)
+    crop_ratio: Optional[float] = None  # resize short side to img_size/ratio, centre crop (null: the dataset's)
+
+
+@dataclasses.dataclass(kw_only=True)
+class ProtocolConfig:
+    """How the descriptors are scored (SPEC section 8)."""
+
+    task: Optional[str] = None  # retrieval | knn (null: the dataset's protocol, knn for imagenet)
+    metrics: Optional[str] = None  # uned (R@1,mMP@5,mAP@5), recall (R@1..100,mAP@100), all, or R@1,mAP@5,...
+    modes: Optional[list[str]] = None  # indexes: [separate, merged] (null: both; separate for folders and oracle)
+    knn_k: list[int] = dataclasses.field(default_factory=lambda: list(KNN_KS))  # kNN neighbours
+    temperature: float = 0.07  # kNN vote temperature
+    chunk_size: int = SEARCH_CHUNK  # queries per FAISS search call
+    visualize: int = 0  # PNG per domain: N queries and their top-8 neighbours
+
+
+@dataclasses.dataclass(kw_only=True)
+class RetrievalConfig:
+    """The schema of ``main_retrieval.py`` (``unic.cli.parse``)."""
+
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    model: RetrievalModelConfig = dataclasses.field(default_factory=RetrievalModelConfig)
+    data: RetrievalDataConfig = dataclasses.field(default_factory=RetrievalDataConfig)
+    retrieval: ProtocolConfig = dataclasses.field(default_factory=ProtocolConfig)
+
+    @staticmethod
+    def check(cfg: DictConfig) -> None:
+        check_choices(cfg, {"data.dataset": [n for kind in RETRIEVAL_KINDS for n in dataset_names(kind=kind)]})
+        if cfg.retrieval.task is not None:
+            check_choices(cfg, {"retrieval.task": TASKS})
+        check_range(cfg, positive=["retrieval.chunk_size", "retrieval.temperature", "data.img_size", "data.crop_ratio"],
+                    non_negative=["retrieval.visualize"], unit=["data.crop_ratio"])
+        if not math.isfinite(cfg.retrieval.temperature):
+            raise ConfigError(f"invalid value for 'retrieval.temperature': must be finite, got "
+                              f"{cfg.retrieval.temperature}")
+        if not cfg.retrieval.knn_k or min(cfg.retrieval.knn_k) < 1:
+            raise ConfigError(f"invalid value for 'retrieval.knn_k': must be positive integers, got "
+                              f"{list(cfg.retrieval.knn_k)}")
+        unknown = [mode for mode in cfg.retrieval.modes or () if mode not in MODES]
+        if unknown:
+            raise ConfigError(f"invalid value for 'retrieval.modes': unknown {unknown}; choose from {', '.join(MODES)}")
+        if cfg.model.descriptors and (cfg.model.source != DEMO_CHECKPOINT or cfg.data.dataset != "demo"
+                                      or cfg.data.root is not None):
+            raise ConfigError("model.descriptors evaluates saved descriptors: drop model.source, data.dataset and "
+                              "data.root")
+        spec = get_dataset(cfg.data.dataset)
+        task = cfg.retrieval.task or spec.protocol
+        if task not in KIND_TASKS[spec.kind]:
+            raise ConfigError(f"data.dataset={spec.name} ({spec.kind} layout) is for retrieval.task="
+                              f"{' or '.join(KIND_TASKS[spec.kind])}, not {task}")
+        if spec.kind != "uned" and (cfg.data.pairs or cfg.data.domains):
+            raise ConfigError(f"data.pairs/data.domains apply to UnED-layout data, not data.dataset={spec.name}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the evaluation run
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -607,10 +703,6 @@ class Plan:
     paths: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
 
-DEMO_CHECKPOINT = "output/demo/checkpoint.pth"
-DEMO_ROOT = "~/.cache/unic/demo"
-
-
 def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"
 
@@ -627,216 +719,161 @@ def _checkpoint_step(source: str) -> int:
     return int(step) if isinstance(step, int) else 0
 
 
-def _check_flags(cfg: EvalConfig) -> None:
-    if cfg.descriptors and (cfg.checkpoint or cfg.data or cfg.data_root):
-        raise ValueError("--descriptors evaluates saved descriptors: drop --checkpoint/--data/--data.root")
-    if cfg.batch_size < 1 or cfg.num_workers < 0 or cfg.chunk_size < 1 or cfg.visualize < 0:
-        raise ValueError("--batch_size and --chunk_size must be >= 1, --num_workers and --visualize >= 0")
-    if not cfg.knn_k or min(cfg.knn_k) < 1:
-        raise ValueError(f"--knn_k must be positive integers, got {cfg.knn_k}")
-    if not (cfg.temperature > 0 and math.isfinite(cfg.temperature)):
-        raise ValueError(f"--temperature must be > 0, got {cfg.temperature}")
-    if cfg.crop_ratio is not None and not 0 < cfg.crop_ratio <= 1:
-        raise ValueError(f"--crop_ratio must be in (0, 1], got {cfg.crop_ratio}")
-    if cfg.img_size is not None and cfg.img_size < 1:
-        raise ValueError(f"--img_size must be >= 1, got {cfg.img_size}")
-    if cfg.precision not in ("auto", *distributed.AUTOCAST_DTYPES):
-        raise ValueError(f"--precision must be auto, fp32, bf16 or fp16, got {cfg.precision}")
-    if cfg.data is not None and cfg.data not in DATA_KINDS:
-        raise ValueError(f"--data must be one of {DATA_KINDS}, got {cfg.data}")
-    if cfg.task is not None and cfg.task not in ("retrieval", "knn"):
-        raise ValueError(f"--task must be retrieval or knn, got {cfg.task}")
-
-
-def _modes(cfg: EvalConfig, oracle: bool, folder: bool) -> tuple[str, ...]:
-    """--modes, else both; only "separate" for a folder benchmark (one set) and oracle descriptors."""
-    if cfg.modes:
-        modes = tuple(dict.fromkeys(cfg.modes))
-        unknown = [m for m in modes if m not in MODES]
-        if unknown:
-            raise ValueError(f"--modes: unknown {unknown} (choose from {MODES})")
+def _modes(requested: Sequence[str] | None, oracle: bool, default: Sequence[str]) -> tuple[str, ...]:
+    """retrieval.modes, else the dataset's default (both unless its entry says otherwise); only "separate"
+    for oracle descriptors."""
+    if requested:
+        modes = tuple(dict.fromkeys(requested))
         if oracle and "merged" in modes:
             raise ValueError("oracle descriptors live in one space per domain: a merged index is undefined "
-                             "(use --modes separate)")
+                             "(use retrieval.modes=[separate])")
         return modes
     if oracle:
         logger.info("oracle embedding: each domain is searched in its own index only (separate)")
         return ("separate",)
-    return ("separate",) if folder else MODES
+    return tuple(default)
 
 
-def _plan_from_descriptors(cfg: EvalConfig) -> Plan:
-    features, meta = load_descriptors(cfg.descriptors)
-    task = cfg.task or meta.get("task", "retrieval")
-    split = cfg.split or ("val" if task == "knn" else "test")
-    if cfg.pairs:
-        pairs = parse_pairs(cfg.pairs)
-    elif cfg.split or cfg.domains or not meta.get("pairs"):
-        domains = cfg.domains or list(features)
+def _default_modes(spec: DatasetSpec | None) -> tuple[str, ...]:
+    return tuple(spec.defaults.get("modes", MODES)) if spec is not None else MODES
+
+
+def _plan_from_descriptors(cfg: DictConfig) -> Plan:
+    data, protocol = cfg.data, cfg.retrieval
+    features, meta = load_descriptors(cfg.model.descriptors)
+    task = protocol.task or meta.get("task", "retrieval")
+    split = data.split or ("val" if task == "knn" else "test")
+    if data.pairs:
+        pairs = parse_pairs(data.pairs)
+    elif data.split or data.domains or not meta.get("pairs"):
+        domains = list(data.domains or features)
         pairs = default_pairs(domains, split, {d: set(features.get(d, {})) for d in domains}, task)
     else:
         pairs = {domain: tuple(pair) for domain, pair in meta["pairs"].items()}
-    metrics = parse_metrics(cfg.metrics or meta.get("metrics") or "uned")
-    modes = _modes(cfg, meta.get("embedding") == "oracle", meta.get("data") == "folder")
-    if task == "retrieval":
-        check_pairs(features, pairs, modes)
-    else:
-        check_pairs(features, pairs)
-    output_dir = cfg.output_dir or os.path.dirname(os.path.abspath(cfg.descriptors))
+    metrics = parse_metrics(protocol.metrics or meta.get("metrics") or "uned")
+    modes = _modes(protocol.modes, meta.get("embedding") == "oracle", _default_modes(DATASETS.get(meta.get("data"))))
+    check_pairs(features, pairs, modes if task == "retrieval" else ())
+    output_dir = cfg.run.output_dir or os.path.dirname(os.path.abspath(cfg.model.descriptors))
     return Plan(task=task, pairs=pairs, metrics=metrics, modes=modes, output_dir=output_dir, meta=meta,
                 step=int(meta.get("step", 0)), features=features, paths=meta.get("paths", {}))
 
 
-def _resolve_data_root(cfg: EvalConfig, data: str) -> str:
-    if data == "demo":
+def _resolve_data_root(spec: DatasetSpec, root: str | None) -> str:
+    """The dataset's folder: generated on first use for the demo (rank 0 writes it), else given and present."""
+    if spec.generated:
         from unic.data.demo import ensure_demo_data
 
-        root = cfg.data_root or DEMO_ROOT
+        root = root or spec.defaults["root"]
         if distributed.is_main_process():
             ensure_demo_data(root)
         distributed.barrier()
         return ensure_demo_data(root)
-    if not cfg.data_root:
-        raise ValueError(f"--data {data} needs --data.root")
-    root = os.path.abspath(os.path.expanduser(cfg.data_root))
+    if not root:
+        raise ValueError(f"data.dataset={spec.name} needs data.root, a folder holding {spec.layout}")
+    root = os.path.abspath(os.path.expanduser(root))
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"--data.root not found: {root}")
+        raise FileNotFoundError(f"data.root not found: {root}")
     return root
 
 
-def _plan_from_images(cfg: EvalConfig, device: torch.device) -> Plan:
-    from unic.data.transforms import eval_transform, uned_eval_transform
-    from unic.data.uned import list_domains
-
-    source = cfg.checkpoint or DEMO_CHECKPOINT
+def _model_source(source: str) -> str:
     if not is_named_model(source) and not os.path.isfile(os.path.expanduser(source)):
         hint = " (train one with: python main_unic.py)" if source == DEMO_CHECKPOINT else ""
         raise FileNotFoundError(f"checkpoint file not found: {source}{hint}")
-    source = source if is_named_model(source) else os.path.expanduser(source)
-    data = cfg.data or "demo"
-    task = cfg.task or ("knn" if data == "imagenet" else "retrieval")
-    if data == "imagenet" and task != "knn":
-        raise ValueError("--data imagenet is for kNN classification (--task knn)")
-    if data == "folder" and task != "retrieval":
-        raise ValueError("--data folder holds retrieval benchmarks; kNN classification needs train/val splits")
-    if data in ("folder", "imagenet") and (cfg.pairs or cfg.domains):
-        raise ValueError(f"--pairs/--domains apply to UnED-layout data, not --data {data}")
-    split = cfg.split or ("val" if task == "knn" else "test")
-    root = _resolve_data_root(cfg, data)
+    return source if is_named_model(source) else os.path.expanduser(source)
 
-    if data in ("demo", "uned"):
-        explicit = parse_pairs(cfg.pairs) if cfg.pairs else None
-        domains = cfg.domains or (list(explicit) if explicit else list_domains(root))
-        available = available_splits(root, domains)
-        if explicit:
-            pairs = {domain: pair for domain, pair in explicit.items() if domain in domains}
-        else:
-            pairs = default_pairs(domains, split, available, task)
-    elif data == "folder":
-        name = cfg.name or os.path.basename(root.rstrip(os.sep))
-        pairs = {name: ("test", "test")}
-    else:
-        name = cfg.name or "imagenet"
-        pairs = {name: (split, "train")}
 
+def _load_encoders(cfg: DictConfig, source: str, domains: list[str], device: torch.device) -> dict[str, Encoder]:
     try:
-        encoders = load_encoders(source, cfg.embedding, list(pairs), cfg.weights, device)
+        return load_encoders(source, cfg.model.embedding, domains, cfg.model.weights, device)
     except (RuntimeError, OSError) as err:  # timm's "Unknown model", hub download errors when offline
-        offline = is_named_model(source) and not cfg.weights
-        hint = " (offline? give a local weights file with --weights)" if offline else ""
+        offline = is_named_model(source) and not cfg.model.weights
+        hint = " (offline? give a local weights file with model.weights=<file>)" if offline else ""
         raise ValueError(f"cannot load {source}: {err}{hint}") from err
+
+
+def _output_dir(cfg: DictConfig, source: str, tag: str) -> str:
+    """run.output_dir, else <checkpoint dir>/eval/<tag> (output/eval/<model>/<tag> for a named model)."""
+    if cfg.run.output_dir:
+        return cfg.run.output_dir
+    if is_named_model(source):
+        return os.path.join("output", "eval", _safe_name(source), tag)
+    return os.path.join(os.path.dirname(os.path.abspath(source)), "eval", tag)
+
+
+def _plan_from_images(cfg: DictConfig, device: torch.device) -> Plan:
+    from unic.data.transforms import eval_transform, uned_eval_transform
+
+    data, protocol = cfg.data, cfg.retrieval
+    source = _model_source(cfg.model.source)
+    spec = get_dataset(data.dataset, RETRIEVAL_KINDS)
+    task = protocol.task or spec.protocol
+    split = data.split or ("val" if task == "knn" else "test")
+    root = _resolve_data_root(spec, data.root)
+    name = data.name or spec.defaults.get("name") or os.path.basename(root.rstrip(os.sep))
+    explicit = parse_pairs(data.pairs) if data.pairs else None
+    encoders = _load_encoders(cfg, source, benchmark_domains(spec, root, data.domains, explicit, name), device)
     encoder = next(iter(encoders.values()))
-    img_size = cfg.img_size or encoder.img_size
-    crop_ratio = cfg.crop_ratio or (1.0 if data in ("demo", "uned") else 0.875)
-    if data in ("demo", "uned") and crop_ratio == 1.0:  # UnED: UDON's bilinear short-side resize, centre crop
+    img_size = data.img_size or encoder.img_size
+    crop_ratio = data.crop_ratio or spec.defaults["crop_ratio"]
+    if spec.kind == "uned" and crop_ratio == 1.0:  # UnED: UDON's bilinear short-side resize, centre crop
         transform = uned_eval_transform(img_size, encoder.mean, encoder.std)
     else:
         transform = eval_transform(img_size, crop_ratio, encoder.mean, encoder.std)
-    if data in ("demo", "uned"):
-        sets = uned_image_sets(root, pairs, transform)
-    elif data == "folder":
-        sets, pairs = folder_image_sets(root, name, transform)
-    else:
-        sets, pairs = imagenet_image_sets(root, split, transform, name)
+    sets, pairs = image_sets(spec, root, split, transform, task, data.domains, explicit, name)
 
-    oracle = cfg.embedding == "oracle"
+    oracle = cfg.model.embedding == "oracle"
     embedding = "oracle" if oracle else ("image" if encoder.kind == "open_clip" else encoder.kind)
-    metrics = parse_metrics(cfg.metrics or ("recall" if data == "folder" else "uned"))
-    modes = _modes(cfg, oracle, data == "folder")
-    data_name = name if data in ("folder", "imagenet") else data
-    parts = [task, data_name] + ([] if data == "folder" else [split]) + [embedding]
-    tag = _safe_name("-".join(parts))
-    if cfg.output_dir:
-        output_dir = cfg.output_dir
-    elif is_named_model(source):
-        output_dir = os.path.join("output", "eval", _safe_name(source), tag)
-    else:
-        output_dir = os.path.join(os.path.dirname(os.path.abspath(source)), "eval", tag)
+    metrics = parse_metrics(protocol.metrics or spec.defaults.get("metrics", "uned"))
+    modes = _modes(protocol.modes, oracle, _default_modes(spec))
+    parts = [task, spec.name if spec.kind == "uned" else name] + ([] if spec.kind == "folder" else [split])
+    output_dir = _output_dir(cfg, source, _safe_name("-".join(parts + [embedding])))
     meta = {"format": DESCRIPTOR_FORMAT, "version": 1, "source": source, "embedding": embedding,
-            "data": data, "root": root, "split": split, "task": task, "pairs": pairs, "metrics": list(metrics),
+            "data": spec.name, "root": root, "split": split, "task": task, "pairs": pairs, "metrics": list(metrics),
             "img_size": img_size, "crop_ratio": crop_ratio, "step": _checkpoint_step(source)}
     return Plan(task=task, pairs=pairs, metrics=metrics, modes=modes, output_dir=output_dir, meta=meta,
                 step=meta["step"], encoders=encoders, sets=sets)
 
 
-def prepare(cfg: EvalConfig, device: torch.device) -> Plan:
-    """Validate every input and decide the whole evaluation; writes nothing. User errors: ``InputError``."""
+def prepare(cfg: DictConfig, device: torch.device) -> Plan:
+    """Decide the whole evaluation of a validated :class:`RetrievalConfig`, checking every input; writes
+    nothing. User errors: ``InputError``."""
     try:
-        _check_flags(cfg)
-        return _plan_from_descriptors(cfg) if cfg.descriptors else _plan_from_images(cfg, device)
+        return _plan_from_descriptors(cfg) if cfg.model.descriptors else _plan_from_images(cfg, device)
     except InputError:
         raise
     except (ValueError, OSError) as err:
         raise InputError(str(err)) from err
 
 
-def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+def _extract(cfg: DictConfig, plan: Plan, device: torch.device) -> tuple[Features, dict[str, list[str]]]:
+    """Descriptors of the plan's image sets (all ranks); rank 0 lists unreadable images and saves the file."""
+    features, paths, unreadable = extract_descriptors(
+        plan.encoders, plan.sets, device, cfg.data.batch_size_per_gpu, cfg.data.num_workers,
+        distributed.autocast_dtype(cfg.run.precision, device),
+    )
+    plan.encoders = None  # frees the accelerator for the search
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if not distributed.is_main_process():
+        return features, paths
+    if unreadable:
+        bad = os.path.join(plan.output_dir, "bad_images.json")
+        write_json(bad, {"count": len(unreadable), "files": sorted(unreadable)})
+        logger.warning("%d unreadable images left out, listed in %s", len(unreadable), bad)
+    descriptor_path = os.path.join(plan.output_dir, DESCRIPTOR_FILE)
+    save_descriptors(descriptor_path, features, {**plan.meta, "paths": paths})
+    logger.info("descriptors saved to %s (rerun the evaluation with model.descriptors=%s)",
+                descriptor_path, descriptor_path)
+    return features, paths
 
 
-def run(cfg: EvalConfig, device: torch.device) -> dict:
-    """Validate, extract (all ranks), save descriptors, evaluate and report (rank 0). Returns the results on
-    rank 0 (``{mode: {domain: {metric: value}}}`` or ``{"knn": ...}``) and ``{}`` on the other ranks."""
-    from unic.train.logger import MetricsWriter, setup_logging
+def _report(cfg: DictConfig, plan: Plan, results: dict, features: Features, paths: dict[str, list[str]]) -> None:
+    """Rank 0: the table on stdout, results.json, TensorBoard scalars and the neighbour figures."""
+    from unic.train.logger import MetricsWriter
 
-    setup_logging()
-    plan = prepare(cfg, device)
-    main_process = distributed.is_main_process()
-    if main_process:
-        os.makedirs(plan.output_dir, exist_ok=True)
-    setup_logging(plan.output_dir)
-    logger.info("%s of %s: pairs %s -> %s", plan.task, plan.meta.get("source", cfg.descriptors), plan.pairs,
-                plan.output_dir)
-
-    features, paths = plan.features, plan.paths
-    if features is None:
-        features, paths, unreadable = extract_descriptors(plan.encoders, plan.sets, device, cfg.batch_size,
-                                                          cfg.num_workers, distributed.autocast_dtype(cfg.precision, device))
-        if main_process and unreadable:
-            _write_json(os.path.join(plan.output_dir, "bad_images.json"),
-                        {"count": len(unreadable), "files": sorted(unreadable)})
-            logger.warning("%d unreadable images left out, listed in %s", len(unreadable),
-                           os.path.join(plan.output_dir, "bad_images.json"))
-        plan.encoders = None  # frees the accelerator for the search
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        if main_process:
-            descriptor_path = os.path.join(plan.output_dir, DESCRIPTOR_FILE)
-            save_descriptors(descriptor_path, features, {**plan.meta, "paths": paths})
-            logger.info("descriptors saved to %s (rerun the evaluation with --descriptors %s)",
-                        descriptor_path, descriptor_path)
-    if not main_process:
-        return {}
-
-    if plan.task == "knn":
-        results = {"knn": evaluate_knn(features, plan.pairs, cfg.knn_k, cfg.temperature, device)}
-    else:
-        results = evaluate_retrieval(features, plan.pairs, plan.modes, plan.metrics, cfg.chunk_size)
     print(format_table(results), flush=True)
-    _write_json(os.path.join(plan.output_dir, "results.json"), results)
+    write_json(os.path.join(plan.output_dir, "results.json"), results)
     writer = MetricsWriter(plan.output_dir)
     try:
         for section, per_domain in results.items():
@@ -845,12 +882,37 @@ def run(cfg: EvalConfig, device: torch.device) -> dict:
                          prefix=prefix)
     finally:
         writer.close()
-    if cfg.visualize:
+    if cfg.retrieval.visualize:
         if plan.task != "retrieval":
-            logger.warning("--visualize shows retrieval neighbours; ignored for kNN classification")
+            logger.warning("retrieval.visualize shows retrieval neighbours; ignored for kNN classification")
         else:
-            merged = "merged" in plan.modes
-            for file in visualize_neighbors(features, plan.pairs, paths, plan.output_dir, cfg.visualize, merged):
+            for file in visualize_neighbors(features, plan.pairs, paths, plan.output_dir, cfg.retrieval.visualize,
+                                            "merged" in plan.modes, cfg.run.seed):
                 logger.info("neighbour figure: %s", file)
     logger.info("results written to %s", os.path.join(plan.output_dir, "results.json"))
+
+
+def run(cfg: DictConfig, device: torch.device) -> dict:
+    """Validate, extract (all ranks), save descriptors, evaluate and report (rank 0), next to the resolved
+    config.yaml. Returns the results on rank 0 (``{mode: {domain: {metric: value}}}`` or ``{"knn": ...}``)
+    and ``{}`` on the other ranks."""
+    from unic.train.logger import setup_logging
+
+    setup_logging()
+    plan = prepare(cfg, device)
+    main_process = distributed.is_main_process()
+    if main_process:
+        write_resolved_config(cfg, plan.output_dir)
+    setup_logging(plan.output_dir)
+    logger.info("%s of %s: pairs %s -> %s", plan.task, plan.meta.get("source", cfg.model.descriptors), plan.pairs,
+                plan.output_dir)
+    features, paths = (plan.features, plan.paths) if plan.features is not None else _extract(cfg, plan, device)
+    if not main_process:
+        return {}
+    protocol = cfg.retrieval
+    if plan.task == "knn":
+        results = {"knn": evaluate_knn(features, plan.pairs, protocol.knn_k, protocol.temperature, device)}
+    else:
+        results = evaluate_retrieval(features, plan.pairs, plan.modes, plan.metrics, protocol.chunk_size)
+    _report(cfg, plan, results, features, paths)
     return results

@@ -12,7 +12,7 @@ neighbour whose id equals the query's id is dropped, wherever it ranks (with dup
 itself is not necessarily at rank 0).
 
 When fewer than ``k`` neighbours exist (a small index), the missing slots hold index -1 and score -inf, as in
-FAISS. ``search_torch`` is the dense reference with the same rules, used by the tests.
+FAISS. The tests check it against a dense reference with the same rules (``tests/oracles.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 ArrayLike = np.ndarray | torch.Tensor
 IdPair = tuple[ArrayLike, ArrayLike]
 
+# Queries per FAISS search call: the default of every caller (evaluation, retrieval.chunk_size).
+SEARCH_CHUNK = 8192
 # Largest k that FAISS GPU indexes accept; rows needing more (huge tie groups) are searched on the CPU copy.
 GPU_MAX_K = 2048
 # Bound on the (rows x fetched neighbours) buffers of one re-search, so a degenerate row (e.g. an all-zero
@@ -157,7 +159,7 @@ def search(
     index: ArrayLike,
     k: int,
     exclude_self_ids: IdPair | None = None,
-    chunk_size: int = 8192,
+    chunk_size: int = SEARCH_CHUNK,
     margin: int = 16,
     progress: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -188,25 +190,3 @@ def search(
         )
     return scores, indices
 
-
-def search_torch(
-    queries: ArrayLike, index: ArrayLike, k: int, exclude_self_ids: IdPair | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Dense reference for ``search``: full similarity matrix, stable sort, same tie and self-exclusion rules."""
-    query_x, index_x, query_ids, index_ids = _check_inputs(queries, index, k, exclude_self_ids)
-    similarity = torch.from_numpy(query_x) @ torch.from_numpy(index_x).T
-    # A stable descending sort keeps equal scores in ascending index order.
-    sorted_scores, order = torch.sort(similarity, dim=1, descending=True, stable=True)
-    valid = torch.ones_like(order, dtype=torch.bool)
-    if query_ids is not None:
-        valid = torch.from_numpy(index_ids)[order] != torch.from_numpy(query_ids)[:, None]
-    keep = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices[:, :k]
-    scores = torch.gather(sorted_scores, 1, keep)
-    indices = torch.gather(order, 1, keep)
-    missing = torch.arange(keep.shape[1])[None, :] >= valid.sum(dim=1, keepdim=True)
-    scores[missing] = -torch.inf
-    indices[missing] = -1
-    pad = k - keep.shape[1]
-    scores = torch.nn.functional.pad(scores, (0, pad), value=-torch.inf)
-    indices = torch.nn.functional.pad(indices, (0, pad), value=-1)
-    return scores.numpy(), indices.numpy().astype(np.int64)

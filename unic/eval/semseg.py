@@ -15,7 +15,9 @@ What mmseg provides for that protocol, rewritten with numpy/PIL/torch and matchi
   frozen encoder as a patch-feature extractor, the training loop and the distributed evaluation, and
   :func:`save_visualization` for image / ground truth / prediction PNGs.
 
-``eval_dense/eval_semseg.py`` is the command line around them.
+The dataset facts (150 classes, ignore label 255, the layout, the splits) are those of the ``ade20k`` entry of
+:mod:`unic.data.registry`. :mod:`unic.eval.semseg_run` assembles these parts into a run, and
+``eval_dense/eval_semseg.py`` is the command line around it.
 """
 
 from __future__ import annotations
@@ -33,11 +35,13 @@ from PIL import Image
 from torch import nn
 
 from unic import distributed
+from unic.data.registry import get_dataset
 
 logger = logging.getLogger(__name__)
 
-NUM_CLASSES = 150
-IGNORE_INDEX = 255
+ADE20K = get_dataset("ade20k")
+NUM_CLASSES = ADE20K.defaults["num_classes"]
+IGNORE_INDEX = ADE20K.defaults["ignore_index"]
 # mmseg's ImageNet normalisation, in 0..255 pixel units.
 IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
 IMAGENET_STD_255 = (58.395, 57.12, 57.375)
@@ -81,10 +85,10 @@ class ADE20KDataset(torch.utils.data.Dataset):
         root: str | Path,
         split: str = "training",
         transform: SegTransform | None = None,
-        reduce_zero_label: bool = True,
+        reduce_zero_label: bool = ADE20K.defaults["reduce_zero_label"],
     ) -> None:
-        if split not in ("training", "validation"):
-            raise ValueError(f"split must be 'training' or 'validation', got {split!r}")
+        if split not in ADE20K.splits:
+            raise ValueError(f"split must be one of {', '.join(map(repr, ADE20K.splits))}, got {split!r}")
         self.root = Path(root)
         self.split = split
         self.transform = transform
@@ -94,8 +98,7 @@ class ADE20KDataset(torch.utils.data.Dataset):
         for folder in (image_dir, label_dir):
             if not folder.is_dir():
                 raise FileNotFoundError(
-                    f"ADE20K folder {folder} not found: expected root/images/{split}/*.jpg and "
-                    f"root/annotations/{split}/*.png under root={self.root}"
+                    f"ADE20K folder {folder} not found: expected {ADE20K.layout} (root={self.root})"
                 )
         self.image_paths = sorted(image_dir.glob("*.jpg"))
         if not self.image_paths:

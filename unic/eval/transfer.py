@@ -1,7 +1,8 @@
 """Logistic-regression transfer evaluation (t-ReX protocol, as in UNIC's ``eval_transfer/``).
 
-Features are extracted by ``eval_transfer/main_ft_extract.py`` with :func:`token_encoder` (cls token, mean patch
-token or both) and stored per split by :func:`save_features` as ``{"X": float32 (N, D), "Y": int64 (N,)}``.
+Features are extracted by ``eval_transfer/main_ft_extract.py`` (:func:`extract_split` with :func:`token_encoder`:
+cls token, mean patch token or both) and stored per split by :func:`save_features` as
+``{"X": float32 (N, D), "Y": int64 (N,)}``.
 The protocol:
 
 1. split trainval into a per-class hold-out (:func:`stratified_holdout`: ``int(0.2 n)`` samples of each class,
@@ -38,6 +39,9 @@ from torch import nn
 from tqdm import tqdm
 
 from unic import distributed
+from unic.data.folders import ImageListDataset
+from unic.eval.features import extract_features
+from unic.io import save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -96,25 +100,55 @@ def token_encoder(encoder: nn.Module, token_type: str = "cls") -> Callable[[torc
     return encode
 
 
+def extract_split(
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    samples: list,
+    transform: Callable,
+    device: torch.device,
+    batch_size: int,
+    num_workers: int,
+    autocast_dtype: torch.dtype | None,
+    desc: str,
+) -> dict[str, Any]:
+    """The features of one split's ``(path, [label], domain)`` samples, sharded over the ranks and gathered in
+    order (every rank gets them all). A row whose image was unreadable holds a copy of a later sample
+    (:func:`unic.eval.features.extract_features`): it is dropped rather than counted twice. Returns ``X``
+    (N, D) float32, ``Y`` (N,), ``skipped`` (unreadable images) and ``seconds``."""
+    dataset = ImageListDataset(samples, transform)
+    start = time.perf_counter()
+    out = extract_features(encode, dataset, device, batch_size=batch_size, num_workers=num_workers,
+                           autocast_dtype=autocast_dtype, desc=desc)
+    seconds = time.perf_counter() - start
+    skipped = int(out["skipped"])
+    features, labels = out["features"], out["labels"]
+    if skipped:
+        keep = out["item_skipped"] == 0
+        features, labels = features[keep], labels[keep]
+        logger.warning("%s: %d unreadable image(s) skipped, %d rows dropped", desc, skipped, int((~keep).sum()))
+    if not torch.isfinite(features).all():
+        raise ValueError(f"non-finite features in {desc} (try run.precision=fp32)")
+    logger.info("%s: %d x %d features in %.1f s (%.1f images/s)", desc, *features.shape, seconds,
+                len(dataset) / max(seconds, 1e-9))
+    return {"X": features, "Y": labels, "skipped": skipped, "seconds": seconds}
+
+
 def features_path(features_dir: str, split: str) -> str:
     return os.path.join(features_dir, f"features_{split}.pth")
 
 
 def save_features(path: str, X: torch.Tensor, Y: torch.Tensor) -> None:
     """Write ``{"X": float32 (N, D), "Y": int64 (N,)}`` atomically (a reader never sees half a file)."""
-    from unic.train.checkpoint import atomic_save
-
     X, Y = torch.as_tensor(X).float().cpu().contiguous(), torch.as_tensor(Y).long().cpu().reshape(-1)
     if X.ndim != 2 or len(X) != len(Y):
         raise ValueError(f"X must be (N, D) and Y (N,), got {tuple(X.shape)} and {tuple(Y.shape)}")
-    atomic_save({"X": X, "Y": Y}, path)
+    save_checkpoint({"X": X, "Y": Y}, path)
 
 
 def load_features(path: str) -> dict[str, torch.Tensor]:
     """Read a features file written by :func:`save_features` (weights-only), validating its content."""
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"features file not found: {path} (write it with eval_transfer/main_ft_extract.py --output_dir "
+            f"features file not found: {path} (write it with eval_transfer/main_ft_extract.py run.output_dir="
             f"{os.path.dirname(path) or '.'})"
         )
     try:

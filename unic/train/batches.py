@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader
 
 from unic.data.folders import ImageListDataset
 from unic.data.sampling import DomainBatchSampler, DomainSampler, GlobalBatchSampler
-from unic.distributed import worker_count
+from unic.distributed import all_reduce_mean, worker_count
 
 
 def _loader(dataset, batch_sampler, num_workers: int, pin: bool, timeout_s: float) -> DataLoader:
@@ -109,7 +109,12 @@ class DomainBatches:
         return domain, batch
 
     def state_dict(self) -> dict:
-        return {"consumed": list(self.consumed), "sampler": self.domain_sampler.state_dict()}
+        """The position (collective): consumed batches per domain and the domain sampler, whose window of
+        per-rank losses is stored as its mean over ranks (what the next update reduces it to), so that the
+        state resumes on any number of processes."""
+        sampler = self.domain_sampler.state_dict()
+        sampler["window_sum"] = all_reduce_mean(self.domain_sampler.window_sum.clone()).cpu()
+        return {"consumed": list(self.consumed), "sampler": sampler}
 
     def load_state_dict(self, state: dict) -> None:
         self.consumed = [int(c) for c in state["consumed"]]

@@ -1,4 +1,8 @@
-"""Atomic, weights-only checkpoints and the exported student."""
+"""Training-checkpoint helpers: file names, periodic copies, leftovers of killed writes, RNG states.
+
+The files are written by :func:`unic.io.save_checkpoint` (atomic, durable) and read by
+:func:`unic.io.load_checkpoint` (weights-only); their formats are :mod:`unic.models.export`'s.
+"""
 
 from __future__ import annotations
 
@@ -11,18 +15,9 @@ import re
 import numpy as np
 import torch
 
-from unic.io import save_checkpoint
-
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pth"
-
-
-def atomic_save(obj, path: str, step: int | None = None) -> None:
-    """:func:`unic.io.save_checkpoint`; ``step`` only serves the chaos suite's fault injection."""
-    from unic.train import faults
-
-    save_checkpoint(obj, path, (lambda f: faults.wrap_checkpoint_file(f, step)) if step is not None else None)
 
 
 def remove_partial_files(folder: str) -> list[str]:
@@ -56,6 +51,21 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def restore_rng_state(states: list[dict], rank: int, world: int, seed: int, step: int) -> bool:
+    """Give this rank the RNG state it saved (True), or, resumed on another number of processes, a fresh
+    stream of its own derived from (``seed``, ``rank``, ``step``) (False). Only stochastic depth draws from
+    these streams: data order, augmentations and teacher dropping have seeded generators of their own, so a
+    run resumed elastically continues exactly unless ``student.drop_path`` > 0."""
+    if len(states) == world:
+        set_rng_state(states[rank])
+        return True
+    stream = int(np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)[0])
+    random.seed(stream)
+    np.random.seed(stream % 2**32)
+    torch.manual_seed(stream)
+    return False
 
 
 def periodic_path(output_dir: str, step: int) -> str:

@@ -1,5 +1,10 @@
 """Fault injection for the chaos suite (``scripts/chaos.py``); inert unless ``UNIC_FAULTS`` is set.
 
+The production step holds no fault code: :func:`install` (called by ``main_unic.py`` on the trainer it built)
+wraps the trainer's batch source (process faults, checked when a step fetches its batch), its task (a NaN
+loss) and its checkpoint writer (a crash or a full disk half-way through a write), and does nothing when no
+fault is planned.
+
 ``UNIC_FAULTS="kill:rank=1:step=7:attempt=0;nan:rank=0:step=3"`` — each fault fires once, on that rank,
 when the training step counter reaches ``step``, in the torchrun attempt ``attempt`` (the restart count,
 default 0). With ``UNIC_FAULTS_DIR`` set, a fault instead fires the first time its step is reached in any
@@ -60,7 +65,7 @@ def _due(kind: str, step: int) -> bool:
 
 
 def at_step(step: int) -> None:
-    """Process-level faults, checked at the start of each step."""
+    """Process-level faults, checked at the start of each step (before its batch is fetched)."""
     if _due("kill", step):
         os.kill(os.getpid(), signal.SIGKILL)
     if _due("term", step):
@@ -70,8 +75,8 @@ def at_step(step: int) -> None:
             time.sleep(3600)
 
 
-def poison_loss(step: int) -> bool:
-    return _due("nan", step)
+def poison_loss(step: int | None) -> bool:
+    return step is not None and _due("nan", step)
 
 
 class _FaultyFile:
@@ -99,3 +104,49 @@ def wrap_checkpoint_file(f, step: int):
         if _due(kind, step):
             return _FaultyFile(f, kind)
     return f
+
+
+def faulty_save(obj, path: str, step: int) -> None:
+    """:func:`unic.io.save_checkpoint` with the write faults planned at ``step``."""
+    from unic.io import save_checkpoint
+
+    save_checkpoint(obj, path, lambda f: wrap_checkpoint_file(f, step))
+
+
+class _FaultyBatches:
+    """The trainer's batch source, with the process faults of the step about to start."""
+
+    def __init__(self, batches, trainer):
+        self._batches, self._trainer = batches, trainer
+
+    def next(self):
+        at_step(self._trainer.step)
+        return self._batches.next()
+
+    def __getattr__(self, name):
+        return getattr(self._batches, name)
+
+
+class _FaultyTask:
+    """The trainer's task, whose training loss becomes NaN at the planned steps."""
+
+    def __init__(self, task):
+        self._task = task
+
+    def __call__(self, images, step=None, *args, **kwargs):
+        out = self._task(images, step, *args, **kwargs)
+        if poison_loss(step):
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._task, name)
+
+
+def install(trainer) -> None:
+    """Put the planned faults around ``trainer`` (a :class:`unic.train.loop.Trainer`); a no-op without any."""
+    if not _FAULTS:
+        return
+    trainer.batches = _FaultyBatches(trainer.batches, trainer)
+    trainer.task = _FaultyTask(trainer.task)
+    trainer.write_checkpoint = lambda obj, path: faulty_save(obj, path, trainer.step)

@@ -9,7 +9,6 @@ logs the same plan at start-up and writes it next to its config. The models are 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 
@@ -91,7 +90,7 @@ def build_plan(cfg: DictConfig, world_size: int = 1, num_train_images: int | Non
     """The plan of ``cfg`` on ``world_size`` processes; ``num_train_images`` when the train split is known,
     ``device`` the one the run uses (default: CUDA unless ``run.device=cpu``, the target of a real run)."""
     from unic.models.ladder import UnicModel
-    from unic.train.loop import build_backbone, build_ladder, build_teachers
+    from unic.train.build import build_backbone, build_ladder, build_teachers
 
     distill, udon = objectives(cfg)
     device = device or torch.device("cpu" if cfg.run.device == "cpu" else "cuda")
@@ -260,7 +259,6 @@ def format_plan(plan: dict) -> str:
 
 def write_plan(plan: dict, path: str) -> None:
     """``plan.json``, written atomically."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(plan, f, indent=1, default=str)
-    os.replace(path + ".tmp", path)
+    from unic.io import write_json
+
+    write_json(path, plan)

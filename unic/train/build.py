@@ -1,0 +1,291 @@
+"""The trainer's builders (dinov2 / torchtitan style): small functions from the config to the run's parts.
+
+:class:`unic.train.loop.Trainer` calls them in this order (the order fixes which random draws initialise
+which weights): :func:`build_datasets`, :func:`build_model` (teachers, backbone, ladder, UDON heads and their
+label tables), :func:`build_batches`, :func:`build_schedules`, :func:`build_optimizer`, :func:`build_task`.
+The preflight plan (:mod:`unic.train.plan`) builds its models with the same :func:`build_teachers`,
+:func:`build_backbone` and :func:`build_ladder` on the meta device.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from unic import distributed
+from unic.config import ConfigError, derived_schedule, final_norm_frozen, head_options, objectives
+from unic.data.folders import ImageListDataset
+from unic.models.ladder import Ladder, UnicModel
+from unic.models.universal import DomainHeads
+from unic.train.standardize import TeacherStandardizer
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------------ data
+def build_datasets(cfg: DictConfig, udon: bool) -> tuple[ImageListDataset, ImageListDataset | None, ImageListDataset | None]:
+    """Train set, val set and kNN bank (eval transforms) of the registry entry ``data.dataset``.
+
+    Generic distillation uses the UNIC augmentations, UDON its own crops; UnED-layout data (kind ``uned``)
+    is evaluated with the UnED resize (short side, centre crop), ImageNet (kind ``imagenet``) with the entry's
+    centre crop (0.875).
+    """
+    from unic.data.demo import ensure_demo_data
+    from unic.data.folders import image_folder_dataset
+    from unic.data.registry import dataset_names, get_dataset
+    from unic.data.transforms import eval_transform, udon_train_transform, uned_eval_transform, unic_train_transform
+    from unic.data.uned import uned_dataset
+
+    data, size = cfg.data, cfg.student.img_size
+    try:
+        spec = get_dataset(data.dataset, what="data.dataset")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if not spec.trainable or spec.kind not in ("uned", "imagenet"):
+        raise ConfigError(f"data.dataset={spec.name} cannot be trained on (trainable: "
+                          f"{', '.join(dataset_names(trainable=True))})")
+    norm = {"mean": tuple(cfg.student.mean), "std": tuple(cfg.student.std)}
+    train_tf = udon_train_transform(size, **norm) if udon else unic_train_transform(size, **norm)
+    if spec.kind == "imagenet":
+        val_tf = eval_transform(size, crop_ratio=spec.defaults["crop_ratio"], **norm)
+    else:
+        val_tf = uned_eval_transform(size, **norm)
+    root = os.path.expanduser(data.root)
+    if spec.generated:
+        if distributed.is_main_process():
+            ensure_demo_data(root)
+        distributed.barrier()
+        root = os.path.abspath(root)
+    if not os.path.isdir(root):
+        raise ConfigError(f"data.root not found: {root}")
+    if spec.kind == "imagenet":
+        train = image_folder_dataset(os.path.join(root, data.train_split), train_tf)
+        val_dir = os.path.join(root, data.val_split)
+        val = image_folder_dataset(val_dir, val_tf) if os.path.isdir(val_dir) else None
+    else:
+        train = uned_dataset(root, data.train_split, data.domains or None, train_tf)
+        try:
+            val = uned_dataset(root, data.val_split, train.domain_names, val_tf)
+        except FileNotFoundError:
+            val = None
+    bank = None
+    if val is not None:
+        stride = max(1, round(1 / data.knn_train_fraction))
+        bank = ImageListDataset(train.samples[::stride], val_tf, train.domain_names)
+    return train, val, bank
+
+
+# ------------------------------------------------------------------------------------------------ model
+def build_teachers(cfg: DictConfig, weights: str | None = None) -> nn.ModuleDict:
+    """The frozen teachers by module key, in sorted name order; ``weights`` ("random") overrides every source."""
+    from unic.models.teacher import FrozenTeacher, teacher_key
+
+    # module keys cannot hold dots (timm:<model>.<tag>); weights may be given under either spelling
+    return nn.ModuleDict({
+        teacher_key(name): FrozenTeacher(
+            name, weights or cfg.teachers.weights.get(name, cfg.teachers.weights.get(teacher_key(name))),
+            cfg.teachers.weights_dir)
+        for name in sorted(cfg.teachers.names)
+    })
+
+
+def build_backbone(cfg: DictConfig, load_pretrained: bool = True) -> nn.Module:
+    """The student backbone (``student.pretrained`` loaded), its final norm frozen when nothing trains it."""
+    from unic.models.student import build_student
+
+    backbone = build_student(cfg.student.arch, cfg.student.img_size, cfg.student.drop_path, dict(cfg.student.kwargs))
+    if load_pretrained and cfg.student.pretrained:
+        from teachers.convert import load_into
+        from unic.io import load_checkpoint
+        from unic.models.export import backbone_state_dict
+
+        state = load_checkpoint(cfg.student.pretrained)
+        load_into(backbone, backbone_state_dict(state), "timm", cfg.student.pretrained)
+    if final_norm_frozen(cfg):
+        # UNIC: the ladder reads the raw last block, so the final norm takes no part in training and keeps
+        # its initial (identity, or pretrained) affine; DDP needs it out of the trainable set
+        backbone.norm.requires_grad_(False)
+    return backbone
+
+
+def build_ladder(cfg: DictConfig, backbone: nn.Module, teacher_dims: dict[str, int]) -> Ladder:
+    blocks = list(cfg.ladder.blocks) if cfg.ladder.blocks is not None else None
+    try:
+        return Ladder(backbone.embed_dim, len(backbone.blocks), teacher_dims, blocks, cfg.ladder.hidden_dim,
+                      cfg.ladder.last_hidden_dim)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def domain_classes(dataset: ImageListDataset) -> list[list[int]]:
+    """Per domain, the sorted class ids of its train split (first label of each image)."""
+    classes: list[set] = [set() for _ in dataset.domain_names]
+    for _, labels, domain in dataset.samples:
+        classes[domain].add(int(labels[0]))
+    return [sorted(c) for c in classes]
+
+
+def label_tables(classes: list[list[int]]) -> list[torch.Tensor]:
+    """Per domain, raw class id -> classifier row (-1: not a train class)."""
+    tables = []
+    for cls in classes:
+        table = torch.full((max(cls) + 1,), -1, dtype=torch.long)
+        table[torch.tensor(cls)] = torch.arange(len(cls))
+        tables.append(table)
+    return tables
+
+
+def build_domain_heads(cfg: DictConfig, embed_dim: int, train_set: ImageListDataset) -> DomainHeads:
+    """UDON's per-domain teacher heads and margin classifiers, sized by the train split's classes."""
+    domains, classes = list(train_set.domain_names), domain_classes(train_set)
+    counts = {d: [0] * len(classes[i]) for i, d in enumerate(domains)}
+    position = [{c: j for j, c in enumerate(cls)} for cls in classes]
+    for _, labels, d in train_set.samples:
+        counts[domains[d]][position[d][int(labels[0])]] += 1
+    try:
+        return DomainHeads(embed_dim, {d: len(c) for d, c in zip(domains, classes)}, cfg.udon.teacher_dim,
+                           cfg.udon.universal_dim, cfg.heads.name, head_options(cfg), counts)
+    except ValueError as err:  # e.g. AdaCos needs >= 3 classes per domain
+        raise ConfigError(f"heads.name={cfg.heads.name}: {err}") from None
+
+
+@dataclass
+class ModelParts:
+    """What :func:`build_model` assembles: the trainable ``model`` (the only part DDP wraps) and the rest."""
+
+    model: UnicModel  # backbone, ladder (UNIC), universal projection (UDON)
+    teachers: nn.ModuleDict | None  # frozen, outside DDP
+    standardizer: TeacherStandardizer | None  # running teacher statistics (UNIC)
+    domain_heads: DomainHeads | None  # per-domain heads, gradients averaged by hand (UDON)
+    label_maps: list[torch.Tensor] | None  # per domain, raw class id -> classifier row (UDON)
+
+    @property
+    def patch_size(self) -> int:
+        return self.model.backbone.patch_embed.patch_size[0]
+
+
+def build_model(cfg: DictConfig, train_set: ImageListDataset, device: torch.device) -> ModelParts:
+    """Teachers, student backbone, ladder and UDON heads on ``device``, initialised in that order."""
+    distill, udon = objectives(cfg)
+    teachers = build_teachers(cfg) if distill else None  # to the device once every input is validated
+    backbone = build_backbone(cfg)
+    ladder = build_ladder(cfg, backbone, {n: t.embed_dim for n, t in teachers.items()}) if distill else None
+    universal, domain_heads, label_maps = None, None, None
+    if udon:
+        universal = nn.Linear(backbone.embed_dim, cfg.udon.universal_dim)
+        domain_heads = build_domain_heads(cfg, backbone.embed_dim, train_set).to(device)
+        label_maps = [table.to(device) for table in label_tables(domain_classes(train_set))]
+    standardizer = None
+    if distill:
+        teachers.to(device)
+        standardizer = TeacherStandardizer({n: t.embed_dim for n, t in teachers.items()}).to(device)
+    model = UnicModel(backbone, ladder, universal, cfg.ladder.last_tap).to(device)
+    if cfg.train.compile:
+        model.compile()  # compiles UnicModel.__call__ in place: state dict keys unchanged
+    return ModelParts(model, teachers, standardizer, domain_heads, label_maps)
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` in DistributedDataParallel on more than one process (only the trainable modules)."""
+    if distributed.get_world_size() == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+# ------------------------------------------------------------------------------------------------ data order
+def build_batches(cfg: DictConfig, train_set: ImageListDataset, global_batch: int, device: torch.device):
+    """The batch source: epochs of global batches, or (UDON) one domain per step with its domain sampler."""
+    from unic.data.sampling import DomainSampler, GlobalBatchSampler
+    from unic.train.batches import DomainBatches, EpochBatches
+
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    pin = device.type == "cuda"
+    if len(train_set) < global_batch:
+        raise ConfigError(f"the training set has {len(train_set)} images, fewer than one global batch "
+                          f"({global_batch})")
+    if not objectives(cfg)[1]:
+        sampler = GlobalBatchSampler(len(train_set), global_batch, rank, world, cfg.run.seed)
+        return EpochBatches(train_set, sampler, cfg.data.num_workers, pin, cfg.data.worker_timeout_s)
+    sizes = [sum(1 for _, _, dom in train_set.samples if dom == d) for d in range(len(train_set.domain_names))]
+    for name, size in zip(train_set.domain_names, sizes):
+        if size < global_batch:
+            raise ConfigError(f"domain '{name}' has {size} training images, fewer than one global batch "
+                              f"({global_batch}); lower data.global_batch / data.batch_size_per_gpu "
+                              "or drop the domain")
+    domain_sampler = DomainSampler(sizes, cfg.udon.sampling, cfg.udon.update_every, cfg.run.seed, device,
+                                   cfg.udon.window_reset_every)
+    return DomainBatches(train_set, global_batch, rank, world, cfg.run.seed, domain_sampler, cfg.data.num_workers,
+                         pin, cfg.data.worker_timeout_s)
+
+
+# ------------------------------------------------------------------------------------------------ optimisation
+@dataclass
+class Schedules:
+    """The per-iteration values derived once at setup (dinov2: precomputed arrays indexed by the step)."""
+
+    total_steps: int  # epochs x steps per epoch: the length of every schedule
+    max_steps: int  # where this run stops (train.max_steps)
+    freeze_steps: int  # steps with the backbone frozen (UDON)
+    peak_lr: float  # the distillation lr after warm-up (scaled with the global batch)
+    lr: dict[str, np.ndarray]  # per parameter-group tag: backbone, unic
+    weight_decay: np.ndarray
+
+    def values(self, cfg: DictConfig, step: int) -> dict[str, tuple[float, float]]:
+        """(lr, weight decay) per group tag at ``step``, for :func:`unic.train.optim.apply_schedules`."""
+        wd = float(self.weight_decay[step])
+        return {"backbone": (float(self.lr["backbone"][step]), wd), "unic": (float(self.lr["unic"][step]), wd),
+                "udon": (cfg.udon.head_lr, cfg.udon.head_weight_decay)}
+
+
+def build_schedules(cfg: DictConfig, global_batch: int, steps_per_epoch: int) -> Schedules:
+    from unic.train.optim import cosine_schedule
+
+    derived = derived_schedule(cfg, global_batch, steps_per_epoch)
+    total, warmup = derived["total_steps"], derived["warmup_steps"]
+    return Schedules(
+        total, derived["run_steps"], derived["freeze_steps"], derived["lr"],
+        {"backbone": cosine_schedule(derived["backbone_lr"], cfg.optim.min_lr, total, warmup),
+         "unic": cosine_schedule(derived["lr"], cfg.optim.min_lr, total, warmup)},
+        cosine_schedule(cfg.optim.weight_decay, cfg.optim.weight_decay_end, total),
+    )
+
+
+def build_optimizer(cfg: DictConfig, parts: ModelParts, schedules: Schedules) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, one tagged pair of groups (decay / no decay) per schedule."""
+    from unic.train.optim import param_groups
+
+    model = parts.model
+    groups = param_groups(model.backbone, cfg.optim.weight_decay, "backbone")
+    if model.ladder is not None:
+        groups += param_groups(model.ladder, cfg.optim.weight_decay, "unic")
+    if parts.domain_heads is not None:
+        groups += param_groups(model.udon, cfg.udon.head_weight_decay, "udon")
+        groups += param_groups(parts.domain_heads, cfg.udon.head_weight_decay, "udon")
+    return torch.optim.AdamW(groups, lr=schedules.peak_lr, betas=tuple(cfg.optim.betas))
+
+
+def build_task(cfg: DictConfig, parts: ModelParts, trained: nn.Module, total_steps: int, device: torch.device):
+    """The method's math (:class:`unic.train.task.UnicTask`) over the (DDP-wrapped) ``trained`` model, with
+    its own teacher-dropping generator, the same on every rank."""
+    from unic.train.task import UnicTask
+
+    generator = torch.Generator(device=device).manual_seed(cfg.run.seed + 1)
+    return UnicTask(
+        trained, total_steps, parts.teachers, parts.standardizer, parts.domain_heads, parts.patch_size,
+        torch.tensor(list(cfg.student.mean), device=device), torch.tensor(list(cfg.student.std), device=device),
+        cfg.loss.w_distill, cfg.loss.w_udon, cfg.loss.lam_cos, cfg.loss.lam_sl1, cfg.loss.drop_prob,
+        cfg.loss.std_momentum_start, cfg.loss.std_momentum_end, cfg.udon.temperature,
+        cfg.udon.relational_weight, generator,
+    )
