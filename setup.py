@@ -40,6 +40,7 @@ setup(
             "unic-transfer-clf=eval_transfer.main_clf:main",
             "unic-semseg=eval_dense.eval_semseg:cli",
             "unic-teachers=teachers.__main__:main",
+            "unic-bench-train=unic.train.bench:cli",
         ],
     },
 )

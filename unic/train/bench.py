@@ -1,0 +1,161 @@
+"""Training throughput benchmark: warm-up steps, then timed steps of the real trainer on any config.
+
+    python scripts/bench_train.py [--config F] [--warmup 5] [--steps 20] [--peak_tflops T] [key=value ...]
+    unic-bench-train ...   (the same, installed as a console script)
+
+Prints one JSON object: images/s, step time, peak memory and, on CUDA, achieved TFLOP/s, MFU and GPU
+utilisation, beside the preflight plan's FLOPs and memory estimate for the same configuration. FLOPs are counted by ``torch.utils.flop_counter`` over one full training step: student
+forward+backward, ladder, and every teacher forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import sys
+import tempfile
+import time
+
+import torch
+
+from teachers import TeacherWeightsError
+from unic import distributed
+from unic.cli import parse
+from unic.config import DEMO_CONFIG, ConfigError, UnicConfig
+from unic.data.uned import DataFormatError
+from unic.io import CheckpointFormatError
+
+# dense bf16/fp16 tensor-core peaks (TFLOP/s) used for MFU; override with --peak_tflops
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+EXAMPLE = "python scripts/bench_train.py --config unic_vitb16_in1k --steps 10 data.global_batch=64"
+
+
+def peak_tflops(override: float | None, device: torch.device) -> float | None:
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def _flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (default: %(default)s)")
+    parser.add_argument("--peak_tflops", type=float, default=None,
+                        help="per-device peak for MFU (default: the table's figure for the GPU)")
+
+
+def prefetch(trainer, count: int) -> list:
+    """``count`` batches on the device, fetched up front: the benchmark times the step, not the data."""
+    batches = []
+    trainer.batches.start(0)
+    for _ in range(min(count, trainer.steps_per_epoch)):
+        domain, batch = trainer.batches.next()
+        labels = batch["label"].to(trainer.device) if domain is not None else None
+        batches.append((batch["image"].to(trainer.device), domain, labels))
+    trainer.batches.close()
+    return batches
+
+
+def measure(trainer, args) -> dict:
+    """Time ``args.steps`` training steps after ``args.warmup``; count one step's FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = trainer.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    batches = prefetch(trainer, args.warmup + args.steps + 1)
+
+    def step(i: int) -> None:
+        trainer.step = i % trainer.total_steps
+        images, domain, labels = batches[i % len(batches)]
+        trainer.train_step(images, domain, labels)
+
+    for i in range(args.warmup):
+        step(i)
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for i in range(args.warmup, args.warmup + args.steps):
+        step(i)
+    sync()
+    elapsed = time.perf_counter() - start
+    utilisation = None
+    if device.type == "cuda":
+        try:
+            utilisation = torch.cuda.utilization(device)
+        except Exception:  # noqa: BLE001 - needs pynvml / NVML
+            utilisation = None
+    with FlopCounterMode(display=False) as counter:
+        step(0)
+    return {"elapsed": elapsed, "flops": counter.get_total_flops(), "utilisation": utilisation}
+
+
+def report(trainer, args, timing: dict) -> dict:
+    cfg, device = trainer.cfg, trainer.device
+    step_time = timing["elapsed"] / args.steps
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "world_size": trainer.world,
+        "student": cfg.student.arch,
+        "teachers": list(cfg.teachers.names),
+        "img_size": cfg.student.img_size,
+        "batch_per_device": trainer.batch_per_gpu,
+        "precision": trainer.precision,
+        "steps_timed": args.steps,
+        "step_time_s": step_time,
+        "images_per_s": trainer.global_batch / step_time,
+        "flops_per_step_per_device": timing["flops"],
+        "achieved_tflops_per_device": timing["flops"] / step_time / 1e12,
+        # the preflight plan's figures (unic.train.plan, what `main_unic.py --plan` prints) beside the measured ones
+        "plan_flops_per_step_per_device": trainer.plan["tflops_per_step_per_gpu"] * 1e12,
+        "plan_memory_estimate_gb": trainer.plan["memory_per_gpu"]["total_gb"],
+    }
+    if device.type == "cuda":
+        result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        peak = peak_tflops(args.peak_tflops, device)
+        result["mfu"] = result["achieved_tflops_per_device"] / peak if peak else None
+        result["gpu_utilisation_pct"] = timing["utilisation"]
+    else:
+        result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    from unic.train.loop import Trainer
+
+    out_dir = tempfile.mkdtemp(prefix="unic-bench-")
+    trainer = None
+    try:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        cfg, args = parse([*argv, f"run.output_dir={out_dir}", "train.resume=false"], UnicConfig, __doc__, EXAMPLE,
+                          default_config=DEMO_CONFIG, flags=_flags)
+        if args.warmup < 0 or args.steps < 1:
+            raise ConfigError(f"--warmup must be >= 0 and --steps >= 1, got {args.warmup} and {args.steps}")
+        trainer = Trainer(cfg)
+        result = report(trainer, args, measure(trainer, args))
+        if trainer.rank == 0:
+            print(json.dumps(result, indent=2))
+    except (ConfigError, TeacherWeightsError, CheckpointFormatError, DataFormatError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if trainer is not None:
+            trainer.close()
+        distributed.destroy_distributed()
+        shutil.rmtree(out_dir, ignore_errors=True)  # each process's own folder
+    return 0
+
+
+def cli() -> None:
+    """Console-script and ``scripts/bench_train.py`` entry: exits with main()'s code."""
+    distributed.exit_process(main())
+
+
+if __name__ == "__main__":
+    cli()
