@@ -482,6 +482,10 @@ def test_weighted_knn_on_imagenet_layout(tmp_path, demo_root, demo_run):
     assert main([f"model.descriptors={out / 'descriptors.npz'}", "retrieval.knn_k=[5,20]",
                  f"run.output_dir={tmp_path / 'again'}"]) == 0
     assert read_results(tmp_path / "again") == results
+    extraction_config = (out / "config.yaml").read_text()
+    assert main([f"model.descriptors={out / 'descriptors.npz'}", "retrieval.knn_k=[5,20]"]) == 0  # in its folder
+    assert (out / "config.yaml").read_text() == extraction_config  # provenance kept
+    assert OmegaConf.load(out / "eval_config.yaml").model.descriptors == str(out / "descriptors.npz")
 
 
 @pytest.mark.parametrize("case", ["missing_split", "empty_domain", "empty_split", "unknown_domain",

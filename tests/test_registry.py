@@ -2,7 +2,7 @@
 
 import pytest
 
-from unic.data.registry import DATASETS, KINDS, PROTOCOLS, dataset_names, get_dataset, parse_dataset
+from unic.data.registry import DATASETS, KINDS, PROTOCOLS, DatasetSpec, dataset_names, get_dataset, register, registered
 
 
 def test_entries_are_complete():
@@ -22,8 +22,12 @@ def test_unknown_names_get_the_closest_and_the_known_ones():
         get_dataset("dtd", kinds=("uned", "folder", "imagenet"))
 
 
-def test_dinov2_style_specs():
-    spec, options = parse_dataset("dtd:split_no=3:strict=0")
-    assert spec.name == "dtd" and options == {"split_no": "3", "strict": "0"}
-    with pytest.raises(ValueError, match="not of the form key=value"):
-        parse_dataset("dtd:3")
+def test_register_refuses_taken_names_and_unknown_kinds():
+    spec = DatasetSpec("my_sop", "folder", "retrieval", "root/<class>/<image>", ("test",))
+    with registered(spec):
+        assert get_dataset("my_sop") is spec and "my_sop" in dataset_names(kind="folder")
+        with pytest.raises(ValueError, match="registered already"):
+            register(spec)
+    assert "my_sop" not in DATASETS
+    with pytest.raises(ValueError, match="kind must be one of"):
+        register(DatasetSpec("x", "zip", "retrieval", "", ()))

@@ -21,7 +21,8 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from unic.config import ConfigError, config_keys, closest_key, load_config, packaged_presets, save_config
+from unic.config import (ConfigError, closest_key, config_keys, load_config, packaged_presets, resolve_config_file,
+                         save_config)
 
 _FIELD = re.compile(r"^\s+(?P<name>\w+)\s*:[^#]*?(#\s*(?P<comment>.+))?$")
 
@@ -99,37 +100,49 @@ def build_parser(schema: type, doc: str, example: str, default_config: str | Non
     ])
     parser = argparse.ArgumentParser(description=doc, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     shown = f"default: {default_config}" if default_config else "default: none, the keys' defaults below"
-    parser.add_argument("--config", default=default_config, metavar="F",
-                        help=f"YAML file or packaged preset name ({', '.join(packaged_presets())}); {shown}")
+    presets = _presets_for(schema)
+    named = f" or packaged preset name ({', '.join(presets)})" if presets else ""
+    parser.add_argument("--config", default=default_config, metavar="F", help=f"YAML file{named}; {shown}")
     if flags is not None:
         flags(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="settings over the config file's")
     return parser
 
 
+def _presets_for(schema: type) -> list[str]:
+    """The packaged presets whose groups all belong to ``schema`` (the training presets for training)."""
+    groups = {f.name for f in dataclasses.fields(schema)}
+    return [name for name in packaged_presets()
+            if set(OmegaConf.load(resolve_config_file(name)).keys()) <= groups]
+
+
 def parse(argv: Sequence[str] | None, schema: type, doc: str, example: str, default_config: str | None = None,
-          flags: Callable[[argparse.ArgumentParser], None] | None = None) -> tuple[DictConfig, argparse.Namespace]:
+          flags: Callable[[argparse.ArgumentParser], None] | None = None,
+          renamed: dict[str, str] | None = None) -> tuple[DictConfig, argparse.Namespace]:
     """Parse ``[--config F] [flags] [key=value ...]`` into the read-only, validated config of ``schema``;
-    user errors raise :class:`unic.config.ConfigError`. Returns the config and the parsed flags."""
+    user errors raise :class:`unic.config.ConfigError`. Returns the config and the parsed flags.
+    ``renamed``: the entry point's own former flags (``{"batch_size": "data.global_batch"}``), for the hint
+    that answers them (besides :data:`OLD_FLAGS`)."""
     parser = build_parser(schema, doc, example, default_config, flags)
     args, unknown = parser.parse_known_intermixed_args(argv)
     if unknown:
-        raise ConfigError(_flag_hint(unknown[0], schema))
+        raise ConfigError(_flag_hint(unknown[0], schema, {**OLD_FLAGS, **(renamed or {})}))
     return load_config(args.config, args.overrides, schema), args
 
 
 # flags of the entry points before they took key=value settings, and the keys that replaced them
 OLD_FLAGS = {"checkpoint": "model.source", "pretrained": "model.source", "data_dir": "data.root",
-             "data": "data.dataset", "image_size": "data.img_size", "output": "run.output_dir"}
+             "data": "data.dataset", "image_size": "data.img_size", "output": "run.output_dir",
+             "batch_size": "data.batch_size_per_gpu"}
 
 
-def _flag_hint(flag: str, schema: type) -> str:
+def _flag_hint(flag: str, schema: type, renamed: dict[str, str]) -> str:
     """The one-line answer to an unknown ``--flag``: settings are ``key=value``, and which key it means."""
     if not flag.startswith("-"):
         return f"unexpected argument {flag!r}: settings are key=value"
     name = flag.lstrip("-").split("=", 1)[0].replace("-", "_")
     keys = config_keys(OmegaConf.structured(schema))
-    key = OLD_FLAGS.get(name) if OLD_FLAGS.get(name) in keys else closest_key(name, keys)
+    key = renamed.get(name) if renamed.get(name) in keys else closest_key(name, keys)
     hint = f"; did you mean {key}=<value>?" if key else ""
     return f"unknown flag {flag}: settings are given as key=value{hint} (see --help)"
 
@@ -140,9 +153,3 @@ def write_resolved_config(cfg: DictConfig, output_dir: str, name: str = "config.
     os.makedirs(output_dir, exist_ok=True)
     save_config(cfg, path)
     return path
-
-
-def to_container(cfg: DictConfig, key: str) -> Any:
-    """One group or list of ``cfg`` as plain Python data."""
-    node = OmegaConf.select(cfg, key)
-    return OmegaConf.to_container(node) if isinstance(node, DictConfig) or OmegaConf.is_list(node) else node

@@ -67,7 +67,7 @@ class LoaderConfig:
     dataset: str = ""  # a name of the dataset registry (unic.data.registry)
     root: Optional[str] = None  # the dataset's folder
     batch_size_per_gpu: int = 128  # images per process and step
-    num_workers: int = 8  # data-loading workers per process (at most the machine's CPU count)
+    num_workers: int = 8  # data-loading workers per process (at most the CPUs of each local process)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -146,8 +146,8 @@ class UdonConfig:
 
 @dataclass(kw_only=True)
 class DataConfig(LoaderConfig):
-    dataset: str = "demo"  # demo | imagenet | uned
-    root: Optional[str] = "~/.cache/unic/demo"  # demo: generated here on first use
+    dataset: str = "demo"  # a trainable entry of the dataset registry: demo | uned | imagenet
+    root: str = "~/.cache/unic/demo"  # demo: generated here on first use
     domains: list[str] = field(default_factory=list)  # uned/demo: domains to use (empty = all)
     train_split: str = "train"
     val_split: str = "val"
@@ -189,7 +189,7 @@ class LossConfig:
 
 @dataclass(kw_only=True)
 class TrainRunConfig(RunConfig):
-    output_dir: Optional[str] = "output/demo"
+    output_dir: str = "output/demo"  # checkpoints, exports, logs and the resolved config
 
 
 @dataclass(kw_only=True)
@@ -226,7 +226,6 @@ class UnicConfig:
 
 COMMON_CHOICES = {"run.device": ("auto", "cpu", "cuda"), "run.precision": ("auto", "bf16", "fp16", "fp32")}
 _CHOICES = {
-    "data.dataset": ("demo", "imagenet", "uned"),
     "udon.sampling": ("dynamic", "round_robin", "size", "uniform"),
     "ladder.last_tap": ("raw", "normed"),
     "optim.clip_mode": ("global", "per_param"),
@@ -274,6 +273,8 @@ def _explain(err: OmegaConfBaseException, schema: DictConfig, source: str) -> Co
         hint = f"; did you mean '{close}'?" if close else ""
         return ConfigError(f"unknown config key '{key}' in {source}{hint}")
     where = f"'{key}'" if key else "config"
+    if "is not a ListConfig" in msg:  # a scalar for a list setting (data.domains=cars,sop)
+        return ConfigError(f"invalid value for {where} in {source}: it is a list, written {key}=[a,b]")
     return ConfigError(f"invalid value for {where} in {source}: {msg}")
 
 
@@ -305,7 +306,9 @@ def _check_common(cfg: DictConfig) -> None:
 
 def _validate(cfg: DictConfig) -> None:
     """The training schema's checks (:class:`UnicConfig`)."""
-    check_choices(cfg, _CHOICES)
+    from unic.data.registry import dataset_names
+
+    check_choices(cfg, {"data.dataset": dataset_names(trainable=True), **_CHOICES})
     positive = [
         "student.img_size", "optim.epochs", "ladder.hidden_dim",
         "ladder.last_hidden_dim", "train.log_every", "train.max_bad_steps", "train.collective_timeout_s",

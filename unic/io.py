@@ -46,9 +46,9 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], None], durable: bool = 
         raise
 
 
-def write_json(path: str, obj: Any, indent: int = 1) -> None:
-    """Write ``obj`` as JSON atomically (non-JSON values such as paths and dtypes as their ``str``)."""
-    text = json.dumps(obj, indent=indent, default=str).encode("utf-8")
+def write_json(path: str, obj: Any, indent: int = 1, default: Callable[[Any], Any] | None = None) -> None:
+    """Write ``obj`` as JSON atomically; a value JSON cannot hold is an error unless ``default`` maps it."""
+    text = json.dumps(obj, indent=indent, default=default).encode("utf-8")
     atomic_write(path, lambda f: f.write(text))
 
 

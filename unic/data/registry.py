@@ -13,8 +13,8 @@ segmentation classes, the official counts). The builder of a kind is one functio
   ``builder`` (``"module:function"``, imported when used);
 - ``ade20k``: ``unic.eval.semseg.ADE20KDataset(root, split, transform)``.
 
-Adding a benchmark is one entry here (plus a test); ``get_dataset`` answers an unknown name with the
-closest known one. :func:`parse_dataset` reads dinov2-style specs (``"dtd:split_no=3"``).
+Adding a benchmark is one entry here (plus a test), or :func:`register` from a script; ``get_dataset``
+answers an unknown name with the closest known one.
 """
 
 from __future__ import annotations
@@ -157,15 +157,3 @@ def get_dataset(name: str, kinds: tuple[str, ...] | None = None, what: str = "da
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise ValueError(f"unknown {what} {name!r}{hint} (known: {', '.join(allowed)})")
     return DATASETS[name]
-
-
-def parse_dataset(text: str, kinds: tuple[str, ...] | None = None) -> tuple[DatasetSpec, dict[str, str]]:
-    """``"name[:key=value[:key=value]]"`` (dinov2's ``make_dataset`` style) -> (entry, options)."""
-    name, *parts = text.split(":")
-    options = {}
-    for part in parts:
-        key, sep, value = part.partition("=")
-        if not sep or not key:
-            raise ValueError(f"dataset option {part!r} in {text!r} is not of the form key=value")
-        options[key] = value
-    return get_dataset(name, kinds), options

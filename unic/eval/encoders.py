@@ -170,11 +170,19 @@ def _from_open_clip(name: str, weights: str | None) -> Encoder:
 
 
 def load_encoder(source: str, embedding: str = "auto", weights: str | None = None, device="cpu") -> Encoder:
-    """An eval-mode :class:`Encoder` for a UNIC file, ``timm:<model>`` or ``open_clip:<model>:<tag>``."""
-    if source.startswith("timm:"):
-        encoder = _from_timm(source, weights)
-    elif source.startswith("open_clip:"):
-        encoder = _from_open_clip(source, weights)
+    """An eval-mode :class:`Encoder` for a UNIC file, ``timm:<model>`` or ``open_clip:<model>:<tag>``.
+
+    A named model that cannot be built or downloaded (unknown name, offline hub) is a
+    :class:`unic.config.ConfigError` naming ``model.weights`` for a local file."""
+    if source.startswith(("timm:", "open_clip:")):
+        build = _from_timm if source.startswith("timm:") else _from_open_clip
+        try:
+            encoder = build(source, weights)
+        except (RuntimeError, OSError) as err:  # timm's "Unknown model", hub download errors when offline
+            from unic.config import ConfigError
+
+            hint = " (offline? give a local weights file with model.weights=<file>)" if not weights else ""
+            raise ConfigError(f"cannot load {source}: {str(err).splitlines()[0]}{hint}") from None
     else:
         encoder = _from_unic_file(source, embedding)
     return encoder.to(device).eval()

@@ -786,10 +786,8 @@ def _model_source(source: str) -> str:
 def _load_encoders(cfg: DictConfig, source: str, domains: list[str], device: torch.device) -> dict[str, Encoder]:
     try:
         return load_encoders(source, cfg.model.embedding, domains, cfg.model.weights, device)
-    except (RuntimeError, OSError) as err:  # timm's "Unknown model", hub download errors when offline
-        offline = is_named_model(source) and not cfg.model.weights
-        hint = " (offline? give a local weights file with model.weights=<file>)" if offline else ""
-        raise ValueError(f"cannot load {source}: {err}{hint}") from err
+    except (RuntimeError, OSError) as err:  # a UNIC file that does not fit its model (named models: ConfigError)
+        raise ValueError(f"cannot load {source}: {err}") from err
 
 
 def _output_dir(cfg: DictConfig, source: str, tag: str) -> str:
@@ -894,15 +892,15 @@ def _report(cfg: DictConfig, plan: Plan, results: dict, features: Features, path
 
 def run(cfg: DictConfig, device: torch.device) -> dict:
     """Validate, extract (all ranks), save descriptors, evaluate and report (rank 0), next to the resolved
-    config.yaml. Returns the results on rank 0 (``{mode: {domain: {metric: value}}}`` or ``{"knn": ...}``)
+    config.yaml (``eval_config.yaml`` when evaluating saved descriptors, which keeps the extraction's). Returns the results on rank 0 (``{mode: {domain: {metric: value}}}`` or ``{"knn": ...}``)
     and ``{}`` on the other ranks."""
     from unic.train.logger import setup_logging
 
     setup_logging()
     plan = prepare(cfg, device)
     main_process = distributed.is_main_process()
-    if main_process:
-        write_resolved_config(cfg, plan.output_dir)
+    if main_process:  # a re-evaluation of saved descriptors keeps the extraction's config.yaml
+        write_resolved_config(cfg, plan.output_dir, "eval_config.yaml" if cfg.model.descriptors else "config.yaml")
     setup_logging(plan.output_dir)
     logger.info("%s of %s: pairs %s -> %s", plan.task, plan.meta.get("source", cfg.model.descriptors), plan.pairs,
                 plan.output_dir)
