@@ -25,7 +25,12 @@ Writes to ``run.output_dir`` (default: ``<checkpoint dir>/semseg_ade20k_<schedul
 ``results.json`` (mIoU, aAcc, mAcc and per-class IoU/accuracy as fractions in [0, 1], ``"unit": "fraction"``,
 the schedule and every resolved setting), ``config.yaml``, ``head.pth``, ``log.txt`` (metrics in percent,
 ``mIoU 39.60 %``), ``metrics.jsonl`` (fractions), TensorBoard logs and, with ``semseg.visualize=N``,
-``visualizations/*.png`` (image | ground truth | prediction). Library: :mod:`unic.eval.semseg_run`.
+``visualizations/*.png`` (image | ground truth | prediction). A re-scoring run (``semseg.load_head``) writes by
+default to the head's folder, as ``results_eval.json``, ``eval_config.yaml`` and ``visualizations_eval/``, so the
+training's files are never replaced (its log lines are appended to ``log.txt``, its metrics to ``metrics.jsonl``
+as split ``eval``). Every training crop's augmentation is seeded from (run.seed, epoch, image index): the head
+does not depend on ``data.num_workers`` (capped at the machine's CPUs; results.json records the count used).
+Library: :mod:`unic.eval.semseg_run`.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from unic import distributed
 from unic.cli import parse
+from unic.config import ConfigError
 from unic.eval.semseg_run import SemsegConfig, run, schedules_text
 from unic.io import CheckpointWriteError
 
@@ -47,12 +53,13 @@ EXAMPLE = ("eval_dense/eval_semseg.py model.source=output/unic_vitb16_in1k/check
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cfg, _ = parse(argv, SemsegConfig, f"{__doc__}\n{schedules_text()}", EXAMPLE)
+        cfg, _ = parse(argv, SemsegConfig, f"{__doc__}\n{schedules_text()}", EXAMPLE,
+                       renamed={"batch_size": "data.global_batch", "num_classes": "data.num_classes"})
         run(cfg)
     except CheckpointWriteError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, ValueError) as err:  # ConfigError, layout, label and head-file errors
+    except (ConfigError, FileNotFoundError, ValueError) as err:  # settings, missing files, encoder, layout, labels
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:

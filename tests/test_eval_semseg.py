@@ -22,6 +22,7 @@ from unic.eval.semseg import (
     ADE20KDataset,
     FrozenPatchBackbone,
     LinearSegHead,
+    SegTrainTransform,
     center_pad,
     infinite_batches,
     segment,
@@ -109,6 +110,7 @@ def test_eval_semseg_end_to_end(ade, student4, tmp_path, capsys):
 
     # One unit in each place: results.json holds fractions and says so, the log prints percentages with a % sign.
     assert results["unit"] == "fraction"
+    assert results["num_workers"] == 0  # the loader workers used (data.num_workers, capped by the CPU count)
     log = (out / "log.txt").read_text()
     assert f"last4: mIoU {100 * results['mIoU']:.2f} %, aAcc {100 * results['aAcc']:.2f} %, mAcc " in log
     # The resolved configuration lies next to the results and reads back as a config file.
@@ -131,8 +133,9 @@ def test_eval_semseg_end_to_end(ade, student4, tmp_path, capsys):
     reeval = tmp_path / "reeval"
     assert eval_semseg.main(tiny_args(ade, student4, reeval, "semseg.layers=last4",
                                       f"semseg.load_head={out / 'head.pth'}")) == 0
-    again = json.loads((reeval / "results.json").read_text())
+    again = json.loads((reeval / "results_eval.json").read_text())
     assert again["mIoU"] == pytest.approx(results["mIoU"], abs=1e-12) and again["iterations"] == 24
+    assert not (reeval / "results.json").exists() and (reeval / "eval_config.yaml").is_file()
 
     # A head of other features (last4) cannot score the last block's alone: one line, exit 2.
     mismatch = tiny_args(ade, student4, tmp_path / "mismatch", f"semseg.load_head={out / 'head.pth'}")
@@ -155,7 +158,7 @@ def test_eval_semseg_two_processes(ade, student4, tmp_path):
 
     single = tmp_path / "single"
     assert eval_semseg.main(tiny_args(ade, student4, single, f"semseg.load_head={out / 'head.pth'}")) == 0
-    rescored = json.loads((single / "results.json").read_text())
+    rescored = json.loads((single / "results_eval.json").read_text())
     for key in ("mIoU", "aAcc", "mAcc"):
         assert rescored[key] == pytest.approx(results[key], abs=1e-12)
 
@@ -244,6 +247,8 @@ def test_help_lists_every_key_with_an_example(capsys):
                 "semseg.schedule = unic", "semseg.layers = null", "semseg.visualize = 0", "semseg.load_head"):
         assert key in text, key
     assert "semseg.iterations=80000 data.global_batch=8" in text  # the schedules' values
+    weights = next(line for line in text.splitlines() if line.strip().startswith("model.weights"))
+    assert "timm: model" in weights and "open_clip" not in weights  # open_clip models are refused here
     assert "example:\n  eval_dense/eval_semseg.py model.source=" in text
 
 
@@ -279,7 +284,7 @@ def test_tiny_run_with_each_schedule_records_it(ade16, student4, tmp_path, sched
     assert eval_semseg.main([f"data.root={ade16}", f"model.source={student4}", f"run.output_dir={rescored}",
                              *geometry, f"data.num_classes={NUM_CLASSES}", "data.num_workers=0",
                              f"semseg.load_head={out / 'head.pth'}"]) == 0
-    again = json.loads((rescored / "results.json").read_text())
+    again = json.loads((rescored / "results_eval.json").read_text())
     assert again["schedule"] == schedule and again["batch_size"] == reference["batch_size"]
     assert again["mIoU"] == pytest.approx(results["mIoU"], abs=1e-12)
 
@@ -288,6 +293,58 @@ def test_default_output_dir_names_the_schedule(student4):
     probe = resolve(load_config(None, ["data.root=d", f"model.source={student4}", "semseg.schedule=dinov2"],
                                 SemsegConfig))
     assert default_output_dir(probe).endswith("semseg_ade20k_dinov2_last")
+
+
+def test_rescoring_a_head_never_replaces_the_training_files(ade, student4, tmp_path):
+    """semseg.load_head without run.output_dir writes next to the head, under its own names: the training's
+    config.yaml, results.json, visualizations and metrics stay as they were."""
+    out = tmp_path / "trained"
+    assert eval_semseg.main(tiny_args(ade, student4, out, "semseg.iterations=8", "semseg.visualize=1")) == 0
+    kept = {name: (out / name).read_bytes() for name in ("config.yaml", "results.json", "head.pth")}
+    kept_png = {path.name: path.read_bytes() for path in (out / "visualizations").iterdir()}
+    metrics = (out / "metrics.jsonl").read_text()
+
+    default_dir = [arg for arg in tiny_args(ade, student4, out, "semseg.visualize=1", "semseg.stride=16")
+                   if not arg.startswith("run.output_dir=")]
+    assert eval_semseg.main([*default_dir, f"semseg.load_head={out / 'head.pth'}"]) == 0
+    assert {name: (out / name).read_bytes() for name in kept} == kept
+    assert {path.name: path.read_bytes() for path in (out / "visualizations").iterdir()} == kept_png
+    rescored = json.loads((out / "results_eval.json").read_text())
+    assert rescored["stride"] == 16 and rescored["iterations"] == 8 and rescored["head"] == str(out / "head.pth")
+    assert len(rescored["visualizations"]) == 1 and "visualizations_eval" in rescored["visualizations"][0]
+    saved = load_config(str(out / "eval_config.yaml"), [], SemsegConfig)
+    assert saved.run.output_dir == str(out) and saved.semseg.load_head == str(out / "head.pth")
+    appended = (out / "metrics.jsonl").read_text()
+    assert appended.startswith(metrics)
+    assert [json.loads(line)["split"] for line in appended[len(metrics):].splitlines()] == ["eval"]
+    assert default_output_dir(probe_of(f"semseg.load_head={out / 'head.pth'}")) == str(out)
+
+
+def test_a_saved_config_loads_where_its_files_do_not_exist(tmp_path, capsys):
+    """The schema checks values only: a config.yaml written on another machine loads; run() reports the missing
+    files before any work (one line, exit 2)."""
+    config = tmp_path / "config.yaml"
+    config.write_text("model:\n  source: /elsewhere/student.pth\ndata:\n  root: /elsewhere/ADE\n"
+                      "semseg:\n  load_head: /elsewhere/head.pth\n")
+    cfg = load_config(str(config), [], SemsegConfig)
+    assert cfg.model.source == "/elsewhere/student.pth" and cfg.semseg.load_head == "/elsewhere/head.pth"
+    out = tmp_path / "never"
+    assert eval_semseg.main(["--config", str(config), f"run.output_dir={out}"]) == 2
+    assert capsys.readouterr().err.strip() == "error: model.source: checkpoint file not found: /elsewhere/student.pth"
+    assert not out.exists()
+
+
+def test_encoder_load_errors_are_one_line_exit_2(ade, tmp_path, capsys, monkeypatch):
+    """load_encoder reports an unknown timm model or an offline hub download as a ConfigError: main() prints it
+    on one line and exits 2."""
+    import unic.eval.encoders
+
+    def refuse(source, *args, **kwargs):
+        raise ConfigError(f"model.source: unknown timm model {source[5:]!r}")
+
+    monkeypatch.setattr(unic.eval.encoders, "load_encoder", refuse)
+    assert eval_semseg.main(tiny_args(ade, "timm:vit_nope", tmp_path / "never")) == 2
+    assert capsys.readouterr().err == "error: model.source: unknown timm model 'vit_nope'\n"
 
 
 def test_user_errors_exit_2_before_writing(ade, student4, tmp_path, capsys):
@@ -333,9 +390,29 @@ def _tiny_probe(student: str, num_last_blocks: int = 1):
     return backbone, LinearSegHead(backbone.out_dim, NUM_CLASSES)
 
 
-def test_backbone_stays_frozen_while_the_head_trains(ade, student4):
-    from unic.eval.semseg import SegTrainTransform
+def _head_trained_with(ade, student: str, num_workers: int, seed: int = 3) -> dict:
+    backbone, head = _tiny_probe(student)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-2)
+    dataset = ADE20KDataset(ade, "training", SegTrainTransform(32, (128, 32)))
+    batches = infinite_batches(dataset, 2, num_workers=num_workers, seed=seed)
+    torch.manual_seed(100 + num_workers)  # the global RNG takes no part in the augmentations
+    train_linear_head(backbone, head, optimizer, batches, num_iters=5, base_lr=1e-2, device=torch.device("cpu"),
+                      warmup_iters=0, log_every=5)
+    batches.close()  # stops the loader's workers
+    return head.state_dict()
 
+
+def test_the_head_does_not_depend_on_the_number_of_loader_workers(ade, student4):
+    """5 iterations of 2 crops over 4 images (3 passes): every crop is drawn from (seed, epoch, index) only, so
+    0, 1 or 2 workers (whatever the CPU count allows) train bit-identical heads; another seed does not."""
+    heads = [_head_trained_with(ade, student4, num_workers) for num_workers in (0, 1, 2)]
+    for other in heads[1:]:
+        assert all(torch.equal(heads[0][key], value) for key, value in other.items())
+    reseeded = _head_trained_with(ade, student4, 0, seed=4)
+    assert not torch.equal(reseeded["conv.weight"], heads[0]["conv.weight"])
+
+
+def test_backbone_stays_frozen_while_the_head_trains(ade, student4):
     from unic.eval.encoders import Encoder
     from unic.models.student import build_student
 

@@ -20,6 +20,7 @@ from unic.eval.semseg import (
     NUM_CLASSES,
     IMAGENET_STD_255,
     ADE20KDataset,
+    AugmentationSampler,
     ConfusionMatrix,
     LinearSegHead,
     PhotoMetricDistortion,
@@ -27,6 +28,7 @@ from unic.eval.semseg import (
     SegTrainTransform,
     _slide_windows,
     hsv_to_rgb,
+    item_seed,
     poly_lr,
     reduce_zero_label,
     resize_concat,
@@ -109,6 +111,50 @@ def _unnormalize(image_3HW: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN_255).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD_255).view(3, 1, 1)
     return image_3HW * std + mean
+
+
+def test_imagenet_normalisation_is_mmseg_s_in_pixel_units():
+    assert IMAGENET_MEAN_255 == pytest.approx((123.675, 116.28, 103.53), abs=1e-9)
+    assert IMAGENET_STD_255 == pytest.approx((58.395, 57.12, 57.375), abs=1e-9)
+
+
+def test_train_transform_draws_only_from_its_generator(tmp_path):
+    """An item's augmentation is a function of its generator's seed: not of torch's global RNG, which it leaves
+    alone; ``dataset[(draw, index)]`` is item ``index`` transformed with a generator seeded with ``draw``."""
+    write_ade20k(tmp_path, "training", num_images=2, size_hw=(30, 50))
+    transform = SegTrainTransform(crop_size=16, base_scale=(64, 24))
+    dataset = ADE20KDataset(tmp_path, "training", transform)
+    raw = ADE20KDataset(tmp_path, "training")[1]
+    torch.manual_seed(0)
+    first = transform(*raw, generator=torch.Generator().manual_seed(7))
+    state = torch.get_rng_state()
+    torch.manual_seed(1)
+    for again in (transform(*raw, generator=torch.Generator().manual_seed(7)), dataset[(7, 1)]):
+        assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+    torch.manual_seed(0)
+    transform(*raw, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG was not drawn from
+    others = [dataset[(draw, 1)][0] for draw in range(8, 12)]
+    assert sum(not torch.equal(image, first[0]) for image in others) >= 3
+
+
+def test_augmentation_sampler_gives_each_step_the_same_items_for_any_process_count():
+    """Global batch 4 on 1 process and on 2 (2 each): every step holds the same (draw, index) pairs, the draw
+    being item_seed(seed, epoch, index): a fresh one each pass."""
+    items, seed = list(range(10)), 5
+    for epoch in (0, 1):
+        samplers = {world: [AugmentationSampler(items, num_replicas=world, rank=rank, seed=seed, drop_last=True)
+                            for rank in range(world)] for world in (1, 2)}
+        for sampler in (*samplers[1], *samplers[2]):
+            sampler.set_epoch(epoch)
+        single = list(samplers[1][0])
+        shards = [list(sampler) for sampler in samplers[2]]
+        for step in range(2):  # 10 // 4
+            together = {pair for shard in shards for pair in shard[2 * step: 2 * step + 2]}
+            assert together == set(single[4 * step: 4 * step + 4])
+        assert all(draw == item_seed(seed, epoch, index) for draw, index in single)
+        assert sorted(index for _, index in single) == items
+    assert item_seed(seed, 0, 3) != item_seed(seed, 1, 3) != item_seed(seed + 1, 1, 3)
 
 
 def test_train_transform_shapes_and_ignore_pixels_stay_255():

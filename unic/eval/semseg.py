@@ -13,7 +13,9 @@ What mmseg provides for that protocol, rewritten with numpy/PIL/torch and matchi
 - :class:`ConfusionMatrix`: mIoU / aAcc / mAcc as mmseg's ``eval_metrics``, reducible across ranks;
 - :class:`FrozenPatchBackbone`, :func:`segment`, :func:`train_linear_head`, :func:`evaluate_segmentation`: the
   frozen encoder as a patch-feature extractor, the training loop and the distributed evaluation, and
-  :func:`save_visualization` for image / ground truth / prediction PNGs.
+  :func:`save_visualization` for image / ground truth / prediction PNGs;
+- :class:`AugmentationSampler`: each training item's augmentation drawn from a generator seeded with
+  (seed, epoch, index), so the trained head does not depend on the number of loader workers.
 
 The dataset facts (150 classes, ignore label 255, the layout, the splits) are those of the ``ade20k`` entry of
 :mod:`unic.data.registry`. :mod:`unic.eval.semseg_run` assembles these parts into a run, and
@@ -35,6 +37,7 @@ from PIL import Image
 from torch import nn
 
 from unic import distributed
+from unic.config import IMAGENET_MEAN, IMAGENET_STD
 from unic.data.registry import get_dataset
 
 logger = logging.getLogger(__name__)
@@ -42,9 +45,9 @@ logger = logging.getLogger(__name__)
 ADE20K = get_dataset("ade20k")
 NUM_CLASSES = ADE20K.defaults["num_classes"]
 IGNORE_INDEX = ADE20K.defaults["ignore_index"]
-# mmseg's ImageNet normalisation, in 0..255 pixel units.
-IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
-IMAGENET_STD_255 = (58.395, 57.12, 57.375)
+# mmseg's ImageNet normalisation (unic.config's, one definition), in 0..255 pixel units.
+IMAGENET_MEAN_255 = tuple(255.0 * m for m in IMAGENET_MEAN)
+IMAGENET_STD_255 = tuple(255.0 * s for s in IMAGENET_STD)
 # img_scale of DINOv2's ADE20K linear configs (mmseg's stock ADE20K config has (2048, 512)): the short side is
 # rescaled to 512 (x the training ratio) whatever the aspect ratio.
 DINOV2_ADE20K_SCALE = (99_999_999, 512)
@@ -77,7 +80,8 @@ class ADE20KDataset(torch.utils.data.Dataset):
     """ADE20K (ADEChallengeData2016 layout) returning ``transform(image, label)``.
 
     Without a transform an item is ``(PIL RGB image, uint8 label array)``; labels are already reduced
-    (ignore = 255) when ``reduce_zero_label`` is true.
+    (ignore = 255) when ``reduce_zero_label`` is true. ``dataset[(draw, index)]`` (what
+    :class:`AugmentationSampler` yields) transforms item ``index`` with a ``torch.Generator`` seeded with ``draw``.
     """
 
     def __init__(
@@ -120,7 +124,8 @@ class ADE20KDataset(torch.utils.data.Dataset):
             raise ValueError(f"{self.label_paths[index]}: expected a single-channel label map, got {label.shape}")
         return reduce_zero_label(label) if self.reduce_zero_label else label
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        draw, index = key if isinstance(key, tuple) else (None, key)
         with Image.open(self.image_paths[index]) as img:
             image = img.convert("RGB")
         label = self.load_label(index)
@@ -130,7 +135,9 @@ class ADE20KDataset(torch.utils.data.Dataset):
             )
         if self.transform is None:
             return image, label
-        return self.transform(image, label)
+        if draw is None:
+            return self.transform(image, label)
+        return self.transform(image, label, generator=torch.Generator().manual_seed(draw))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -212,7 +219,7 @@ class PhotoMetricDistortion:
 
     Works on float images in 0..255 and clips/truncates after each step as mmseg's uint8 ``convert`` does; the
     HSV round trip is in float (OpenCV's is in uint8), so values differ from mmseg by at most rounding.
-    ``hue_delta`` is in OpenCV units (180 per turn).
+    ``hue_delta`` is in OpenCV units (180 per turn). Draws come from ``generator`` (torch's global RNG when None).
     """
 
     def __init__(
@@ -228,34 +235,37 @@ class PhotoMetricDistortion:
         self.hue_delta = hue_delta
 
     @staticmethod
-    def _coin() -> bool:
-        return bool(torch.randint(2, ()).item())
+    def _coin(generator: torch.Generator | None) -> bool:
+        return bool(torch.randint(2, (), generator=generator).item())
 
     @staticmethod
-    def _uniform(low: float, high: float) -> float:
-        return low + (high - low) * torch.rand(()).item()
+    def _uniform(low: float, high: float, generator: torch.Generator | None) -> float:
+        return low + (high - low) * torch.rand((), generator=generator).item()
 
     @staticmethod
     def _convert(image: torch.Tensor, alpha: float = 1.0, beta: float = 0.0) -> torch.Tensor:
         return (image * alpha + beta).clamp_(0, 255).floor_()
 
-    def __call__(self, image_3HW: torch.Tensor) -> torch.Tensor:
-        if self._coin():
-            image_3HW = self._convert(image_3HW, beta=self._uniform(-self.brightness_delta, self.brightness_delta))
-        contrast_first = self._coin()
-        if contrast_first and self._coin():
-            image_3HW = self._convert(image_3HW, alpha=self._uniform(*self.contrast_range))
-        if self._coin():
+    def __call__(self, image_3HW: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        coin, gen = self._coin, generator
+        if coin(gen):
+            delta = self.brightness_delta
+            image_3HW = self._convert(image_3HW, beta=self._uniform(-delta, delta, gen))
+        contrast_first = coin(gen)
+        if contrast_first and coin(gen):
+            image_3HW = self._convert(image_3HW, alpha=self._uniform(*self.contrast_range, gen))
+        if coin(gen):
             hsv = rgb_to_hsv(image_3HW / 255.0)
-            hsv[1] = (hsv[1] * self._uniform(*self.saturation_range)).clamp_(0, 1)
+            hsv[1] = (hsv[1] * self._uniform(*self.saturation_range, gen)).clamp_(0, 1)
             image_3HW = (hsv_to_rgb(hsv) * 255.0).round_().clamp_(0, 255)
-        if self._coin():
+        if coin(gen):
             hsv = rgb_to_hsv(image_3HW / 255.0)
-            shift = int(torch.randint(-self.hue_delta, self.hue_delta, ()).item())  # numpy.randint: high excluded
+            # numpy.randint: high excluded
+            shift = int(torch.randint(-self.hue_delta, self.hue_delta, (), generator=gen).item())
             hsv[0] = (hsv[0] + shift / 180.0) % 1.0
             image_3HW = (hsv_to_rgb(hsv) * 255.0).round_().clamp_(0, 255)
-        if not contrast_first and self._coin():
-            image_3HW = self._convert(image_3HW, alpha=self._uniform(*self.contrast_range))
+        if not contrast_first and coin(gen):
+            image_3HW = self._convert(image_3HW, alpha=self._uniform(*self.contrast_range, gen))
         return image_3HW
 
 
@@ -264,8 +274,9 @@ class SegTrainTransform:
 
     Resize(img_scale=base_scale, ratio_range, keep_ratio=True) -> RandomCrop(crop_size, cat_max_ratio) ->
     RandomFlip(flip_prob) -> PhotoMetricDistortion -> Normalize -> Pad(crop_size, 0 for the image, 255 for the
-    label). Returns a float (3, crop_h, crop_w) image and an int64 (crop_h, crop_w) label. Randomness comes from
-    torch's global RNG, which DataLoader seeds per worker.
+    label). Returns a float (3, crop_h, crop_w) image and an int64 (crop_h, crop_w) label. Every draw comes from
+    the call's ``generator`` (torch's global RNG when None): training seeds one per item from (seed, epoch,
+    index) (:class:`AugmentationSampler`), so an item's augmentation does not depend on the loader's workers.
     """
 
     def __init__(
@@ -291,23 +302,23 @@ class SegTrainTransform:
         self.ignore_index = ignore_index
         self.max_crop_tries = max_crop_tries
 
-    def _random_scale(self) -> tuple[int, int]:
+    def _random_scale(self, generator: torch.Generator | None) -> tuple[int, int]:
         low, high = self.ratio_range
-        ratio = low + (high - low) * torch.rand(()).item()
+        ratio = low + (high - low) * torch.rand((), generator=generator).item()
         return int(self.base_scale[0] * ratio), int(self.base_scale[1] * ratio)
 
-    def _random_crop_box(self, height: int, width: int) -> tuple[int, int, int, int]:
+    def _random_crop_box(self, height: int, width: int, generator: torch.Generator | None) -> tuple[int, int, int, int]:
         margin_h = max(height - self.crop_size[0], 0)
         margin_w = max(width - self.crop_size[1], 0)
-        top = int(torch.randint(margin_h + 1, ()).item())
-        left = int(torch.randint(margin_w + 1, ()).item())
+        top = int(torch.randint(margin_h + 1, (), generator=generator).item())
+        left = int(torch.randint(margin_w + 1, (), generator=generator).item())
         return top, min(top + self.crop_size[0], height), left, min(left + self.crop_size[1], width)
 
-    def _crop_box(self, label_HW: torch.Tensor) -> tuple[int, int, int, int]:
+    def _crop_box(self, label_HW: torch.Tensor, generator: torch.Generator | None) -> tuple[int, int, int, int]:
         """mmseg RandomCrop: redraw (up to ``max_crop_tries`` times) while one class covers
         >= ``cat_max_ratio`` of the crop's non-ignored pixels; the last draw is kept."""
         height, width = label_HW.shape
-        box = self._random_crop_box(height, width)
+        box = self._random_crop_box(height, width, generator)
         if self.cat_max_ratio >= 1.0:
             return box
         for _ in range(self.max_crop_tries):
@@ -317,21 +328,22 @@ class SegTrainTransform:
             counts = counts[counts > 0]
             if len(counts) > 1 and counts.max().item() / counts.sum().item() < self.cat_max_ratio:
                 break
-            box = self._random_crop_box(height, width)
+            box = self._random_crop_box(height, width, generator)
         return box
 
-    def __call__(self, image: Image.Image | np.ndarray, label: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, image: Image.Image | np.ndarray, label: np.ndarray,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         image_3HW, label_HW = _to_tensors(image, label)
-        size = rescale_size(*label_HW.shape, self._random_scale())
+        size = rescale_size(*label_HW.shape, self._random_scale(generator))
         image_3HW, label_HW = resize_image(image_3HW, size), resize_label(label_HW, size)
 
-        top, bottom, left, right = self._crop_box(label_HW)
+        top, bottom, left, right = self._crop_box(label_HW, generator)
         image_3HW, label_HW = image_3HW[:, top:bottom, left:right], label_HW[top:bottom, left:right]
 
-        if torch.rand(()).item() < self.flip_prob:
+        if torch.rand((), generator=generator).item() < self.flip_prob:
             image_3HW, label_HW = image_3HW.flip(-1), label_HW.flip(-1)
         if self.photometric is not None:
-            image_3HW = self.photometric(image_3HW)
+            image_3HW = self.photometric(image_3HW, generator)
         image_3HW = normalize_image(image_3HW, self.mean, self.std)
 
         pad_h = self.crop_size[0] - image_3HW.shape[1]
@@ -688,6 +700,25 @@ def max_label(dataset: ADE20KDataset, num_workers: int = 0, ignore_index: int = 
     return int(result.item())
 
 
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of item ``index`` in pass ``epoch`` of a run seeded with ``seed`` (64 bits)."""
+    entropy = [seed & 0xFFFF_FFFF_FFFF_FFFF, epoch, index]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
+
+
+class AugmentationSampler(torch.utils.data.DistributedSampler):
+    """A ``DistributedSampler`` yielding ``(draw, index)`` pairs, ``draw = item_seed(seed, epoch, index)``.
+
+    The dataset transforms each item with a generator seeded with its draw, so an item's augmentation is a
+    function of (seed, epoch, index) alone: the same for any number of loader workers, and, since the ranks'
+    shards of one step together are the same items whatever the number of processes, the same global batch
+    of augmented crops at every step for any number of processes at one global batch.
+    """
+
+    def __iter__(self):
+        return ((item_seed(self.seed, self.epoch, index), index) for index in super().__iter__())
+
+
 def infinite_batches(
     dataset: torch.utils.data.Dataset,
     batch_size: int,
@@ -696,19 +727,19 @@ def infinite_batches(
     pin_memory: bool = False,
 ):
     """Endless (images, labels) batches of this rank: a fresh seeded shuffle per pass, sharded over ranks,
-    incomplete batches dropped. Workers are seeded from (seed, rank), so the augmentations are reproducible."""
-    from torch.utils.data import DataLoader, DistributedSampler
+    incomplete batches dropped. ``dataset`` is indexed with :class:`AugmentationSampler`'s (draw, index)
+    pairs, so the batches do not depend on ``num_workers``."""
+    from torch.utils.data import DataLoader
 
     rank, world = distributed.get_rank(), distributed.get_world_size()
     if len(dataset) // world < batch_size:
         raise ValueError(
             f"{len(dataset)} training images over {world} process(es) do not fill one batch of {batch_size} per process"
         )
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    sampler = AugmentationSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
     loader = DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
         pin_memory=pin_memory, persistent_workers=num_workers > 0,
-        generator=torch.Generator().manual_seed(seed * 1000 + rank),
     )
     epoch = 0
     while True:

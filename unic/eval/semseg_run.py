@@ -8,6 +8,15 @@ unset they take the schedule's value (:data:`SCHEDULES`); the ones given are the
 ``results.json``, ``head.pth``, ``config.yaml``, ``log.txt``, ``metrics.jsonl``, TensorBoard logs and, with
 ``semseg.visualize=N``, ``visualizations/*.png``.
 
+Re-scoring a saved head (``semseg.load_head``) writes by default next to the head, under names of its own that
+never replace the training's files: ``results_eval.json``, ``eval_config.yaml``, ``visualizations_eval/*.png``;
+it appends to ``log.txt`` and writes its metrics to ``metrics.jsonl`` / TensorBoard as split ``eval`` (see
+:data:`OUTPUT_NAMES`).
+
+Each training crop's augmentation is drawn from a generator seeded with (seed, epoch, image index)
+(:class:`unic.eval.semseg.AugmentationSampler`), so the head does not depend on ``data.num_workers`` or on the
+machine's CPU count (which caps it; results.json records the count used).
+
 Units: every metric the run writes (results.json, metrics.jsonl) is a fraction in [0, 1], and results.json says
 so (``"unit": "fraction"``); the log prints the same numbers as percentages, with a ``%`` sign
 (``mIoU 39.60 %``). ``eval_dense/eval_semseg.py`` is the command line around this module.
@@ -56,6 +65,14 @@ logger = logging.getLogger(__name__)
 
 LAYERS = {"last": 1, "last4": 4}
 HEAD_FORMAT = "unic-semseg-linear-head"
+# the files (and the metrics split) of a training run and of a re-scoring run (semseg.load_head): the latter
+# may share the training's folder without replacing its config, results or visualizations
+OUTPUT_NAMES = {
+    "train": {"config": "config.yaml", "results": "results.json", "visualizations": "visualizations",
+              "split": "val"},
+    "eval": {"config": "eval_config.yaml", "results": "results_eval.json", "visualizations": "visualizations_eval",
+             "split": "eval"},
+}
 
 # Settings shared by both references: DINOv2's published ADE20K linear configs (dinov2_vit{b,l}14_ade20k_linear_
 # config.py, which UNIC's eval_dense/eval_semseg.py downloads and edits): AdamW lr 1e-3, wd 1e-4, poly (power 1,
@@ -85,6 +102,7 @@ class SemsegModelConfig(ModelConfig):
     """The frozen encoder (unic.eval.encoders.load_encoder); the probe reads its backbone's patch tokens."""
 
     source: Optional[str] = None  # UNIC checkpoint.pth / student.pth, or timm:<model>[.<tag>] (a ViT); required
+    weights: Optional[str] = None  # local weights file of a timm: model (else the hub)
     embedding: str = "backbone"  # the probe reads the backbone's patch tokens: backbone only
 
 
@@ -97,7 +115,7 @@ class SemsegDataConfig(LoaderConfig):
     num_classes: Optional[int] = None  # classes after reduce_zero_label (null: the dataset's, ADE20K 150)
     global_batch: Optional[int] = None  # images per step over all processes, split evenly (null: the schedule's)
     batch_size_per_gpu: Optional[int] = None  # instead of data.global_batch: images per process and step
-    num_workers: int = 8  # data-loading workers per process (at most the machine's CPU count)
+    num_workers: int = 8  # data-loading workers per process (at most the CPU count; the head does not depend on it)
 
 
 @dataclass(kw_only=True)
@@ -116,7 +134,8 @@ class ProbeConfig:
     windows_per_batch: int = 4  # sliding windows per forward pass
     eval_every: Optional[int] = None  # also evaluate every N iterations (0: at the end only)
     visualize: int = 0  # write image | ground truth | prediction PNGs of the first N validation images
-    load_head: Optional[str] = None  # evaluate this saved head.pth instead of training one
+    # evaluate this saved head.pth instead of training one (writes results_eval.json, eval_config.yaml)
+    load_head: Optional[str] = None
     log_every: int = 50  # log the loss every N iterations
 
 
@@ -154,14 +173,19 @@ class SemsegConfig:
 
 
 def _check_inputs(cfg: DictConfig) -> None:
-    """The required inputs are given and exist."""
+    """The required inputs are given and of a usable kind (whether the files exist is :func:`check_files`'s:
+    a saved config.yaml loads on any machine)."""
     for key, what in (("model.source", "a UNIC checkpoint.pth / student.pth or timm:<model>"),
                       ("data.root", get_dataset(cfg.data.dataset).layout)):
         if OmegaConf.select(cfg, key) is None:
             raise ConfigError(f"'{key}' is required: {what}")
-    source = cfg.model.source
-    if source.startswith("open_clip:"):
+    if cfg.model.source.startswith("open_clip:"):
         raise ConfigError("model.source: open_clip models expose no patch tokens; use a UNIC file or a timm: ViT")
+
+
+def check_files(cfg: DictConfig) -> None:
+    """The input files the config names exist (run() checks this before any work)."""
+    source = cfg.model.source
     if not source.startswith("timm:") and not os.path.isfile(source):
         raise ConfigError(f"model.source: checkpoint file not found: {source}")
     if cfg.semseg.load_head is not None and not os.path.isfile(cfg.semseg.load_head):
@@ -251,11 +275,15 @@ def schedule_record(probe: Probe) -> dict:
         "warmup_iters": probe.warmup_iters, "crop_size": probe.crop_size, "scale": list(probe.scale),
         "eval_every": probe.eval_every, "layers": probe.layers, "seed": probe.seed,
         "world_size": distributed.get_world_size(),
+        "num_workers": probe.num_workers,  # per process, as capped by the CPU count (the head does not depend on it)
     }
 
 
 def default_output_dir(probe: Probe) -> str:
-    """``<checkpoint dir>/semseg_<dataset>_<schedule>_<layers>``, or ``output/semseg/<model>_...`` for a hub model."""
+    """``<checkpoint dir>/semseg_<dataset>_<schedule>_<layers>``, or ``output/semseg/<model>_...`` for a hub model;
+    with ``semseg.load_head``, the head's folder (whose training files the re-scoring names do not replace)."""
+    if probe.load_head is not None:
+        return os.path.dirname(os.path.abspath(probe.load_head))
     tag = f"{probe.schedule}_{probe.layers}"
     if os.path.isfile(probe.source):
         return os.path.join(os.path.dirname(os.path.abspath(probe.source)), f"semseg_{probe.dataset}_{tag}")
@@ -365,12 +393,13 @@ def load_head(path: str, head: nn.Module, backbone: FrozenPatchBackbone) -> tupl
 
 
 def run(cfg: DictConfig) -> dict:
-    """Load the frozen encoder and the data, check the labels, then train (or load) the head, evaluate it and
-    write the outputs to ``run.output_dir`` (default: :func:`default_output_dir`). Returns the results
-    (rank 0: as written to results.json)."""
+    """Check the input files, load the frozen encoder and the data, check the labels, then train (or load) the
+    head, evaluate it and write the outputs (named by :data:`OUTPUT_NAMES`) to ``run.output_dir`` (default:
+    :func:`default_output_dir`). Returns the results (rank 0: as written to results.json / results_eval.json)."""
     from unic.eval.encoders import load_encoder
     from unic.train.logger import MetricsWriter, setup_logging
 
+    check_files(cfg)
     device = distributed.init_distributed(cfg.run.device)
     setup_logging()
     probe = resolve(cfg, distributed.get_world_size())  # after init: the batch must split over the processes
@@ -383,7 +412,7 @@ def run(cfg: DictConfig) -> dict:
     output_dir = cfg.run.output_dir or default_output_dir(probe)
     if distributed.is_main_process():
         resolved = OmegaConf.merge(cfg, {"run": {"output_dir": output_dir}})
-        write_resolved_config(resolved, output_dir)
+        write_resolved_config(resolved, output_dir, output_names(probe)["config"])
     distributed.barrier()
     setup_logging(output_dir)
     writer = MetricsWriter(output_dir)
@@ -393,15 +422,20 @@ def run(cfg: DictConfig) -> dict:
         writer.close()
 
 
+def output_names(probe: Probe) -> dict[str, str]:
+    """The file names (and metrics split) of this run: a re-scoring run's never replace a training run's."""
+    return OUTPUT_NAMES["train" if probe.load_head is None else "eval"]
+
+
 def _train_and_evaluate(probe: Probe, backbone: FrozenPatchBackbone, datasets: dict, device: torch.device,
                         output_dir: str, writer) -> dict:
-    """Build the head, train it (or load it), evaluate, and write results.json / head.pth / PNGs on rank 0."""
+    """Build the head, train it (or load it), evaluate, and write the results / head.pth / PNGs on rank 0."""
     eval_set = datasets[get_dataset(probe.dataset).splits[1]]
+    names = output_names(probe)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(probe.seed)  # the same head initialisation on every rank
     head = LinearSegHead(backbone.out_dim, probe.num_classes).to(device)
-    torch.manual_seed(probe.seed * 1000 + distributed.get_rank())  # augmentations drawn without loader workers
     logger.info("frozen %s, %s -> %d-d patch features; head %s", backbone.encoder.name, probe.layers,
                 backbone.out_dim, head)
     head_path = os.path.join(output_dir, "head.pth")
@@ -414,7 +448,7 @@ def _train_and_evaluate(probe: Probe, backbone: FrozenPatchBackbone, datasets: d
                 percent(results["mIoU"]), percent(results["aAcc"]), percent(results["mAcc"]),
                 len(eval_set), eval_seconds)
     if distributed.is_main_process():
-        writer.write(iteration, _scalars(results), prefix="val")
+        writer.write(iteration, _scalars(results), prefix=names["split"])
         results.update({
             "num_classes": probe.num_classes, "num_validation_images": len(eval_set),
             "pretrained": probe.source, **record, "iterations": iteration,
@@ -425,9 +459,11 @@ def _train_and_evaluate(probe: Probe, backbone: FrozenPatchBackbone, datasets: d
             "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1),
         })
         if probe.visualize:
-            results["visualizations"] = visualize(backbone, head, eval_set, probe, device, output_dir)
-        write_json(os.path.join(output_dir, "results.json"), results)
-        logger.info("results written to %s", os.path.join(output_dir, "results.json"))
+            folder = os.path.join(output_dir, names["visualizations"])
+            results["visualizations"] = visualize(backbone, head, eval_set, probe, device, folder)
+        results_path = os.path.join(output_dir, names["results"])
+        write_json(results_path, results)
+        logger.info("results written to %s", results_path)
     distributed.barrier()
     return results
 
@@ -505,8 +541,8 @@ def evaluate(probe: Probe, backbone: FrozenPatchBackbone, head: nn.Module, datas
 
 @torch.no_grad()
 def visualize(backbone: FrozenPatchBackbone, head: nn.Module, dataset: ADE20KDataset, probe: Probe,
-              device: torch.device, output_dir: str) -> list[str]:
-    """Rank 0 re-segments the first ``visualize`` validation images and writes one PNG each."""
+              device: torch.device, folder: str) -> list[str]:
+    """Rank 0 re-segments the first ``visualize`` validation images and writes one PNG each to ``folder``."""
     head.eval()
     colors = palette(probe.num_classes)
     paths = []
@@ -519,7 +555,7 @@ def visualize(backbone: FrozenPatchBackbone, head: nn.Module, dataset: ADE20KDat
                                                  align_corners=False)
         with Image.open(dataset.image_paths[index]) as raw:
             original = raw.convert("RGB")
-        path = os.path.join(output_dir, "visualizations", f"{dataset.image_paths[index].stem}.png")
+        path = os.path.join(folder, f"{dataset.image_paths[index].stem}.png")
         save_visualization(path, original, label.numpy(), logits.argmax(1)[0].cpu().numpy(), colors)
         paths.append(path)
     return paths
