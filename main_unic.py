@@ -5,7 +5,9 @@
 
 With no argument it trains the embedded demo (unic/configs/demo.yaml: small student, two small random teachers,
 generated data); a run resumes from <run.output_dir>/checkpoint.pth, on any number of processes that divides
-the global batch.
+the global batch (config.yaml stays; changed settings go to config.resume-N.yaml). Ctrl-C or SIGTERM finishes
+the step, saves a checkpoint and exits 130 or 143; a second Ctrl-C quits at once. A finished run ends with
+results.json and curves.png.
 """
 
 from __future__ import annotations
@@ -41,37 +43,54 @@ def parse_args(argv: list[str] | None = None):
 
 
 def run_plan(cfg, world_size: int | None) -> None:
-    """``--plan``: the plan of ``cfg``, reading the train split's size when ``data.root`` is there."""
-    from unic.train.plan import build_plan, format_plan, write_plan
+    """``--plan``: the plan of ``cfg``, reading the train split's size when ``data.root`` is there (else
+    assuming the dataset's known size). Missing teacher files are reported, not fatal."""
+    from unic.train.build import check_teacher_weights
+    from unic.train.plan import build_plan, format_plan, skipped_features, write_plan
 
     world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
     if world < 1:
         raise ConfigError(f"--world_size (or $WORLD_SIZE) must be >= 1, got {world}")
-    num_images = None
-    if os.path.isdir(os.path.expanduser(cfg.data.root)):
+    num_images, data_skips = None, []
+    if cfg.data.root and os.path.isdir(os.path.expanduser(cfg.data.root)):
         from unic.train.build import build_datasets
 
-        num_images = len(build_datasets(cfg, objectives(cfg)[1])[0])
-    plan = build_plan(cfg, world, num_images)
+        num_images = len(build_datasets(cfg, objectives(cfg)[1], data_skips)[0])
+    plan = build_plan(cfg, world, num_images, skipped=skipped_features(cfg, data_skips))
     path = os.path.join(os.path.abspath(os.path.expanduser(cfg.run.output_dir)), "plan.json")
     write_plan(plan, path)
     print(format_plan(plan))
+    try:
+        check_teacher_weights(cfg)
+    except TeacherWeightsError as err:
+        print(f"before training: {err}")
     print(f"plan written to {path}")
 
 
 def train(cfg) -> int:
     """Build the trainer and run it; the exit code of a run that ended on an error of its own."""
     from unic.train import faults
-    from unic.train.loop import CollectiveTimeoutError, NonFiniteLossError, Preempted, Trainer
+    from unic.train.loop import CollectiveTimeoutError, FinishedRun, NonFiniteLossError, Preempted, Trainer
 
     trainer = None
     try:
         trainer = Trainer(cfg)
         faults.install(trainer)  # the chaos suite's faults (UNIC_FAULTS); nothing otherwise
         trainer.train()
+    except FinishedRun as finished:
+        if distributed.is_main_process():
+            print(finished)
+        return 0
     except Preempted as stop:
-        print(f"preempted: {stop}", file=sys.stderr)
-        return 143  # 128 + SIGTERM: torchrun restarts the group, which resumes from the checkpoint
+        if stop.exit_code == 143:  # SIGTERM: torchrun restarts the group, which resumes from the checkpoint
+            print(f"preempted: {stop}", file=sys.stderr)
+        elif distributed.is_main_process():
+            print(f"interrupted: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:  # Ctrl-C before the first step: nothing trained, nothing to save
+        if distributed.is_main_process():
+            print("interrupted before training started; nothing was saved", file=sys.stderr)
+        return 130
     except (NonFiniteLossError, CollectiveTimeoutError, CheckpointWriteError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -9,6 +9,6 @@
 # (unic: N_GPUS in 1, 2, 4, 8; dinov2: also 16). Explicit settings (semseg.iterations, semseg.lr, ...) override
 # the schedule; eval_dense/eval_semseg.py --help lists every key.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+REPO=$(cd "$(dirname "$0")/.." && pwd)  # no cd: relative paths are the caller's
 N_GPUS=${N_GPUS:-$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")}
-exec torchrun --standalone --nproc_per_node "${N_GPUS}" eval_dense/eval_semseg.py "$@"
+exec torchrun --standalone --nproc_per_node "${N_GPUS}" "${REPO}/eval_dense/eval_semseg.py" "$@"

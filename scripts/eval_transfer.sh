@@ -10,7 +10,8 @@
 # L-BFGS classifier runs under Intel's scikit-learn patch (python -m sklearnex) when scikit-learn-intelex is
 # installed (SKLEARNEX=0: plain scikit-learn, SKLEARNEX=1: require it).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+REPO=$(cd "$(dirname "$0")/.." && pwd)  # no cd: relative paths (DATA_ROOT, OUTPUT_ROOT, ...) are the caller's
+export PYTHONPATH="${REPO}${PYTHONPATH:+:${PYTHONPATH}}"
 : "${PRETRAINED:?set PRETRAINED to a UNIC checkpoint or timm:<model> / open_clip:<model>:<tag>}"
 DATA_ROOT=${DATA_ROOT:-data}
 DATASETS=${DATASETS:-"aircraft cars196 dtd eurosat flowers pets food101 sun397"}
@@ -33,7 +34,7 @@ for dataset in ${DATASETS}; do
     data_dir=${!dir_var:-${DATA_ROOT}/${dataset}}
     features_dir="${OUTPUT_ROOT}/features_${dataset}"
     if [[ ! -f "${features_dir}/features_trainval.pth" || ! -f "${features_dir}/features_test.pth" ]]; then
-        torchrun --standalone --nproc_per_node "${N_GPUS}" eval_transfer/main_ft_extract.py \
+        torchrun --standalone --nproc_per_node "${N_GPUS}" "${REPO}/eval_transfer/main_ft_extract.py" \
             model.source="${PRETRAINED}" data.dataset="${dataset}" data.root="${data_dir}" \
             run.output_dir="${features_dir}" "$@"
     fi
@@ -41,8 +42,8 @@ for dataset in ${DATASETS}; do
 print(get_dataset(sys.argv[1]).defaults["clf_type"])' "${dataset}")
     if [[ "${clf_type}" == logreg_sklearn ]]; then runner=("${sklearn_python[@]}"); else runner=(python); fi
     # features_norm: the classifier's default (none for logreg_sklearn, l2 for logreg_torch)
-    "${runner[@]}" eval_transfer/main_clf.py clf.features_dir="${features_dir}" clf.clf_type="${clf_type}" \
+    "${runner[@]}" "${REPO}/eval_transfer/main_clf.py" clf.features_dir="${features_dir}" clf.clf_type="${clf_type}" \
         run.seed="${SEED}"
     feature_dirs+=("${features_dir}")
 done
-python eval_transfer/print_results.py "${feature_dirs[@]}"
+python "${REPO}/eval_transfer/print_results.py" "${feature_dirs[@]}"

@@ -49,6 +49,14 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device("cuda", get_local_rank()) if use_cuda else torch.device("cpu")
 
 
+def ignore_interrupts(worker_id: int) -> None:  # noqa: ARG001 - DataLoader's worker_init_fn signature
+    """A DataLoader's ``worker_init_fn``: data workers leave Ctrl-C to the main process, which finishes the
+    step and saves (a worker that took the terminal's SIGINT itself would quit and fail the step)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def worker_count(requested: int) -> int:
     """Data-loading workers per process: ``requested``, at most the CPUs this process may use shared by
     the processes of this machine (so small machines are not oversubscribed and PyTorch does not warn)."""

@@ -36,6 +36,7 @@ def extract_features(
         dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rank, world),
         num_workers=distributed.worker_count(num_workers), pin_memory=device.type == "cuda",
         generator=torch.Generator(),  # leaves the global RNG untouched (exact resume)
+        worker_init_fn=distributed.ignore_interrupts,
     )
     feats, labels, domains, indices, item_skipped = [], [], [], [], []
     skipped = torch.zeros((), dtype=torch.long)

@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader
 
 from unic.data.folders import ImageListDataset
 from unic.data.sampling import DomainBatchSampler, DomainSampler, GlobalBatchSampler
-from unic.distributed import all_reduce_mean, worker_count
+from unic.distributed import all_reduce_mean, ignore_interrupts, worker_count
 
 
 def _loader(dataset, batch_sampler, num_workers: int, pin: bool, timeout_s: float) -> DataLoader:
@@ -15,7 +15,7 @@ def _loader(dataset, batch_sampler, num_workers: int, pin: bool, timeout_s: floa
     # a private generator keeps DataLoader start-up from consuming the global RNG (exact resume);
     # the timeout turns a stuck worker (dead network file system, ...) into an error instead of a hang
     return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers, pin_memory=pin,
-                      generator=torch.Generator(), persistent_workers=False,
+                      generator=torch.Generator(), persistent_workers=False, worker_init_fn=ignore_interrupts,
                       timeout=timeout_s if num_workers > 0 else 0)
 
 

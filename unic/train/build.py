@@ -33,12 +33,30 @@ def seed_everything(seed: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ data
-def build_datasets(cfg: DictConfig, udon: bool) -> tuple[ImageListDataset, ImageListDataset | None, ImageListDataset | None]:
+# the data.root the presets ship with: a placeholder the user replaces
+PLACEHOLDER_ROOT = "/path/to/"
+DATASET_TITLES = {"imagenet": "ImageNet", "uned": "UnED", "demo": "demo"}
+
+
+def check_data_root(cfg: DictConfig, root: str) -> None:
+    """A clear error for a ``data.root`` that is not a folder (the presets' placeholder named as such)."""
+    if os.path.isdir(root):
+        return
+    if cfg.data.root is None or str(cfg.data.root).startswith(PLACEHOLDER_ROOT):
+        title = DATASET_TITLES.get(cfg.data.dataset, cfg.data.dataset)
+        raise ConfigError(f"set data.root=<your {title} folder> (the preset's data.root "
+                          f"{cfg.data.root} is a placeholder)")
+    raise ConfigError(f"data.root not found: {root}")
+
+
+def build_datasets(cfg: DictConfig, udon: bool, skipped: list[dict] | None = None
+                   ) -> tuple[ImageListDataset, ImageListDataset | None, ImageListDataset | None]:
     """Train set, val set and kNN bank (eval transforms) of the registry entry ``data.dataset``.
 
     Generic distillation uses the UNIC augmentations, UDON its own crops; UnED-layout data (kind ``uned``)
     is evaluated with the UnED resize (short side, centre crop), ImageNet (kind ``imagenet``) with the entry's
-    centre crop (0.875).
+    centre crop (0.875). Without a val split there is no val set nor kNN bank; with ``train.validate`` on,
+    ``skipped`` (when given) receives ``{"feature", "reason"}`` saying so.
     """
     from unic.data.demo import ensure_demo_data
     from unic.data.folders import image_folder_dataset
@@ -60,24 +78,30 @@ def build_datasets(cfg: DictConfig, udon: bool) -> tuple[ImageListDataset, Image
         val_tf = eval_transform(size, crop_ratio=spec.defaults["crop_ratio"], **norm)
     else:
         val_tf = uned_eval_transform(size, **norm)
+    if not data.root:
+        check_data_root(cfg, "")
     root = os.path.expanduser(data.root)
     if spec.generated:
         if distributed.is_main_process():
             ensure_demo_data(root)
         distributed.barrier()
         root = os.path.abspath(root)
-    if not os.path.isdir(root):
-        raise ConfigError(f"data.root not found: {root}")
+    check_data_root(cfg, root)
+    missing = None  # why there is no val split
     if spec.kind == "imagenet":
         train = image_folder_dataset(os.path.join(root, data.train_split), train_tf)
         val_dir = os.path.join(root, data.val_split)
         val = image_folder_dataset(val_dir, val_tf) if os.path.isdir(val_dir) else None
+        missing = None if val is not None else f"no val split: {val_dir} not found (data.val_split={data.val_split})"
     else:
         train = uned_dataset(root, data.train_split, data.domains or None, train_tf)
         try:
             val = uned_dataset(root, data.val_split, train.domain_names, val_tf)
-        except FileNotFoundError:
-            val = None
+        except FileNotFoundError as err:
+            val, missing = None, f"no val split: {err}"
+    if missing and cfg.train.validate and skipped is not None:
+        scores = "kNN top-1" + (", universal R@1" if udon else "")
+        skipped.append({"feature": f"validation (loss, {scores}) and its kNN bank", "reason": missing})
     bank = None
     if val is not None:
         stride = max(1, round(1 / data.knn_train_fraction))
@@ -86,16 +110,32 @@ def build_datasets(cfg: DictConfig, udon: bool) -> tuple[ImageListDataset, Image
 
 
 # ------------------------------------------------------------------------------------------------ model
+def teacher_weights(cfg: DictConfig) -> dict[str, str | None]:
+    """Each teacher's ``teachers.weights`` entry (None: the registry's default), by teacher name."""
+    from unic.models.teacher import teacher_key
+
+    # module keys cannot hold dots (timm:<model>.<tag>); weights may be given under either spelling
+    return {name: cfg.teachers.weights.get(name, cfg.teachers.weights.get(teacher_key(name)))
+            for name in sorted(cfg.teachers.names)}
+
+
+def check_teacher_weights(cfg: DictConfig) -> None:
+    """Every teacher's weight source found before any model is built; one
+    :class:`teachers.build.TeacherWeightsError` lists all that are missing."""
+    from teachers.build import check_weights
+
+    if objectives(cfg)[0]:
+        sources = teacher_weights(cfg)
+        check_weights(list(sources), {n: w for n, w in sources.items() if w is not None}, cfg.teachers.weights_dir)
+
+
 def build_teachers(cfg: DictConfig, weights: str | None = None) -> nn.ModuleDict:
     """The frozen teachers by module key, in sorted name order; ``weights`` ("random") overrides every source."""
     from unic.models.teacher import FrozenTeacher, teacher_key
 
-    # module keys cannot hold dots (timm:<model>.<tag>); weights may be given under either spelling
     return nn.ModuleDict({
-        teacher_key(name): FrozenTeacher(
-            name, weights or cfg.teachers.weights.get(name, cfg.teachers.weights.get(teacher_key(name))),
-            cfg.teachers.weights_dir)
-        for name in sorted(cfg.teachers.names)
+        teacher_key(name): FrozenTeacher(name, weights or source, cfg.teachers.weights_dir)
+        for name, source in teacher_weights(cfg).items()
     })
 
 
@@ -190,9 +230,19 @@ def build_model(cfg: DictConfig, train_set: ImageListDataset, device: torch.devi
         teachers.to(device)
         standardizer = TeacherStandardizer({n: t.embed_dim for n, t in teachers.items()}).to(device)
     model = UnicModel(backbone, ladder, universal, cfg.ladder.last_tap).to(device)
-    if cfg.train.compile:
+    if cfg.train.compile and compile_unavailable(cfg, device) is None:
         model.compile()  # compiles UnicModel.__call__ in place: state dict keys unchanged
     return ModelParts(model, teachers, standardizer, domain_heads, label_maps)
+
+
+def compile_unavailable(cfg: DictConfig, device: torch.device) -> str | None:
+    """Why ``train.compile`` cannot take effect here (None: it can, or it is off): inductor on CPU
+    compiles C++ and needs a compiler."""
+    import shutil
+
+    if cfg.train.compile and device.type == "cpu" and not (shutil.which("g++") or shutil.which("c++")):
+        return "torch.compile on CPU needs a C++ compiler (g++ or c++), none is on PATH"
+    return None
 
 
 def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:

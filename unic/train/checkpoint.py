@@ -57,7 +57,8 @@ def restore_rng_state(states: list[dict], rank: int, world: int, seed: int, step
     """Give this rank the RNG state it saved (True), or, resumed on another number of processes, a fresh
     stream of its own derived from (``seed``, ``rank``, ``step``) (False). Only stochastic depth draws from
     these streams: data order, augmentations and teacher dropping have seeded generators of their own, so a
-    run resumed elastically continues exactly unless ``student.drop_path`` > 0."""
+    run resumed elastically continues as it would have, up to stochastic depth (``student.drop_path`` > 0)
+    and UDON's relational term, whose pairs are those of each process's local batch."""
     if len(states) == world:
         set_rng_state(states[rank])
         return True

@@ -17,21 +17,41 @@ from omegaconf import DictConfig
 
 from unic import distributed
 from unic.cli import write_resolved_config
-from unic.config import ConfigError, objectives, resolve_batch, resume_mismatches, to_plain
+from unic.config import ConfigError, derived_schedule, objectives, resolve_batch, resume_mismatches, to_plain
 from unic.io import CheckpointFormatError, CheckpointWriteError, load_checkpoint, save_checkpoint, write_json
 from unic.models.export import FORMAT_VERSION, TRAIN_FORMAT, student_export, universal_export
 from unic.train import checkpoint as ckpt_lib
+from unic.train import provenance, report
 from unic.train.build import (build_batches, build_datasets, build_model, build_optimizer, build_schedules,
-                              build_task, seed_everything, wrap_ddp)
+                              build_task, check_teacher_weights, seed_everything, wrap_ddp)
 from unic.train.logger import MetricsWriter, setup_logging
 from unic.train.optim import apply_schedules, clip_gradients
+from unic.train.plan import skipped_features
 from unic.train.validate import Validator
 
 logger = logging.getLogger(__name__)
 
 
+# what the stop flag of the step's all-reduce carries: the signal that asked the run to stop
+STOP_SIGNALS = {1: signal.SIGTERM, 2: signal.SIGINT}
+STOP_CODES = {sig: code for code, sig in STOP_SIGNALS.items()}
+
+
 class Preempted(Exception):
-    """SIGTERM received: every rank saved a checkpoint at the same step and the run stops (exit 143)."""
+    """SIGTERM (preemption, exit 143) or SIGINT (Ctrl-C, exit 130) received: every rank saved a checkpoint at
+    the same step and the run stops."""
+
+    def __init__(self, signum: int, step: int, path: str):
+        self.exit_code = 128 + signum
+        if signum == signal.SIGINT:
+            text = f"stopped by Ctrl-C at step {step}; checkpoint saved to {path} (run the same command to resume)"
+        else:
+            text = f"stopped by SIGTERM at step {step}; checkpoint saved to {path}"
+        super().__init__(text)
+
+
+class FinishedRun(Exception):
+    """The output folder holds a run that already reached its last step: nothing to train (exit 0)."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -52,6 +72,7 @@ class Trainer:
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
+        self.started = time.perf_counter()
         self.device = distributed.init_distributed(cfg.run.device, cfg.train.collective_timeout_s)
         self.rank, self.world = distributed.get_rank(), distributed.get_world_size()
         self.global_batch, self.batch_per_gpu = resolve_batch(cfg, self.world)
@@ -62,8 +83,17 @@ class Trainer:
         seed_everything(cfg.run.seed)
         self.distill, self.udon = objectives(cfg)
 
-        # everything that can fail on user input is built before the output folder exists
-        self.train_set, val_set, knn_bank = build_datasets(cfg, self.udon)
+        # everything that can fail on user input is checked before the output folder exists
+        data_skips: list[dict] = []
+        self.train_set, val_set, knn_bank = build_datasets(cfg, self.udon, data_skips)
+        self.skipped = skipped_features(cfg, data_skips, self.device)  # warned once, listed in the plan
+        self.output_dir = os.path.abspath(os.path.expanduser(cfg.run.output_dir))
+        self.checkpoint_path = os.path.join(self.output_dir, ckpt_lib.CHECKPOINT_NAME)
+        resume_state = None
+        if cfg.train.resume and os.path.isfile(self.checkpoint_path):
+            resume_state = self.read_checkpoint(self.checkpoint_path)  # validated before anything is written
+            self._check_unfinished(resume_state)
+        check_teacher_weights(cfg)  # every missing teacher file in one error, before any model is built
         self.parts = build_model(cfg, self.train_set, self.device)
         self.model, self.domain_heads = self.parts.model, self.parts.domain_heads
         self.domains = list(self.train_set.domain_names)
@@ -82,19 +112,19 @@ class Trainer:
         self.skipped_images = 0
         self.bad_files: dict[str, str] = {}  # unreadable image -> reason, written to bad_images.json
         self.bad_steps, self.consecutive_bad_steps = 0, 0
-        self.stop_requested = False
+        self.stop_code = 0  # STOP_SIGNALS' key of a signal received here (0: none), shared by the next all-reduce
+        self.stop_agreed = 0  # the largest stop code over all ranks at the last step: every rank acts on this one
+        self._training = False  # inside the step loop: Ctrl-C finishes the step and saves; before, it quits
+        self._sigint_seen = False
         self._saved_step = -1
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
 
-        self.output_dir = os.path.abspath(os.path.expanduser(cfg.run.output_dir))
-        self.checkpoint_path = os.path.join(self.output_dir, ckpt_lib.CHECKPOINT_NAME)
-        resume_state = None
-        if cfg.train.resume and os.path.isfile(self.checkpoint_path):
-            resume_state = self.read_checkpoint(self.checkpoint_path)  # validated before anything is written
-        self._prepare_output_dir()
+        self._record_config(resume_state)
+        self._prepare_output_dir(resume_state)
         if resume_state is not None:
             self.load(resume_state, self.checkpoint_path)
-        self.metrics = MetricsWriter(self.output_dir)
+        # the steps an interrupted launch logged after its last checkpoint are trained again: purged
+        self.metrics = MetricsWriter(self.output_dir, purge_from=self.step + 1 if resume_state is not None else 0)
         self.validator = Validator(
             cfg, self.parts, self.task, val_set, knn_bank, self.steps_per_epoch, self.batch_per_gpu, self.device,
             distributed.AUTOCAST_DTYPES[self.precision], self.metrics,
@@ -105,33 +135,98 @@ class Trainer:
     def domain_sampler(self):
         return self.batches.domain_sampler
 
-    def _prepare_output_dir(self) -> None:
-        """The output folder with the resolved config, cleared of partial writes; the log file there."""
+    def _check_unfinished(self, state: dict) -> None:
+        """Raise :class:`FinishedRun` when the checkpoint already reached this run's last step."""
+        steps_per_epoch = len(self.train_set) // self.global_batch
+        if not steps_per_epoch:
+            return  # fewer images than a batch: build_batches says so
+        schedule = derived_schedule(self.cfg, self.global_batch, steps_per_epoch)
+        step, last = int(state["step"]), schedule["run_steps"]
+        if step < last:
+            return
+        changes = provenance.config_changes(provenance.latest_config(state), to_plain(self.cfg))
+        text = f"{self.cfg.run.output_dir} holds a finished run (step {step} of {last}); nothing to train."
+        if changes:
+            text += (f" Settings differ from it: {provenance.format_changes(changes)}. Use another run.output_dir "
+                     "or train.resume=false")
+        elif last < schedule["total_steps"]:
+            text += f" Raise train.max_steps (up to {schedule['total_steps']}) to continue it"
+        else:
+            text += f" Its results: {os.path.join(self.output_dir, report.RESULTS_NAME)}"
+        raise FinishedRun(text)
+
+    def _record_config(self, state: dict | None) -> None:
+        """The config history the checkpoint carries: the first segment's config and each later one that
+        changed a setting (``self.config_changes``: this segment's changes, empty on a fresh start)."""
+        current = to_plain(self.cfg)
+        self.config_changes: dict[str, list] = {}
+        if state is None:
+            self.config_original, self.config_history = current, []
+            return
+        self.config_original = state.get("config") or current
+        self.config_history = list(state.get("config_history") or [])
+        self.config_changes = provenance.config_changes(provenance.latest_config(state), current)
+        if self.config_changes:
+            self.config_history.append({"step": int(state["step"]), "config": current, "changes": self.config_changes})
+
+    def _prepare_output_dir(self, state: dict | None) -> None:
+        """The output folder with the config history (``config.yaml`` never overwritten by a resume),
+        cleared of partial writes; the log file there."""
+        config_path = os.path.join(self.output_dir, "config.yaml")
+        resume_config = None
         if self.rank == 0:
-            write_resolved_config(self.cfg, self.output_dir)
+            if state is None:  # a new run: the configs of a run it replaces go
+                for old in provenance.resume_configs(self.output_dir):
+                    os.remove(old)
+                write_resolved_config(self.cfg, self.output_dir)
+            else:
+                if not os.path.isfile(config_path):
+                    provenance.write_plain_config(self.config_original, config_path)
+                if self.config_changes:
+                    resume_config = provenance.next_resume_config(self.output_dir)
+                    provenance.write_plain_config(
+                        to_plain(self.cfg), resume_config,
+                        f"resumed at step {state['step']} with changed settings: "
+                        f"{provenance.format_changes(self.config_changes)}")
             for tmp in ckpt_lib.remove_partial_files(self.output_dir):
                 logger.warning("removed %s, left by an interrupted checkpoint write", tmp)
         distributed.barrier()
         setup_logging(self.output_dir)
+        if self.config_changes and self.rank == 0:
+            logger.info("resuming with changed settings (%s): %s", resume_config,
+                        provenance.format_changes(self.config_changes))
 
     def _log_setup(self) -> None:
         """The preflight plan (what ``main_unic.py --plan`` prints), logged and written as ``plan.json``, and
         what the plan cannot know before the data is read: the UDON heads' sizes."""
         from unic.train.plan import build_plan, format_plan, write_plan
 
-        self.plan = build_plan(self.cfg, self.world, len(self.train_set), self.device)
+        self.plan = build_plan(self.cfg, self.world, len(self.train_set), self.device, self.skipped)
         if self.rank == 0:
             for line in format_plan(self.plan).splitlines():
                 logger.info("plan: %s", line)
             write_plan(self.plan, os.path.join(self.output_dir, "plan.json"))
-        if self.udon:
+            if self.skipped:
+                logger.warning("turned off: %s", "; ".join(f"{s['feature']}: {s['reason']}" for s in self.skipped))
+        if self.udon and self.rank == 0:
             memory = self.domain_heads.memory_report()
-            logger.info("UDON heads (%s), MB per domain with AdamW state: %s; sampling %s", self.cfg.heads.name,
-                        ", ".join(f"{d} {mb:.1f}" for d, mb in memory.items()), self.cfg.udon.sampling)
+            logger.info("UDON heads: a %s classifier per domain, sampled %s; weights + AdamW state %s",
+                        self.cfg.heads.name, self.cfg.udon.sampling,
+                        ", ".join(f"{d} {mb:.1f} MB" for d, mb in memory.items()))
 
-    def _on_sigterm(self, signum, frame) -> None:  # noqa: ARG002
-        logger.warning("SIGTERM received: saving a checkpoint at the end of this step, then stopping")
-        self.stop_requested = True
+    def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
+        """SIGTERM and Ctrl-C: finish the step, save on every rank, stop. Ctrl-C before the step loop quits
+        at once (nothing to save), a second Ctrl-C too (without saving). The handler only sets the flag
+        (the step's all-reduce shares it; the loop says what happens): writing a log line here could
+        re-enter a stream the interrupted code was writing to."""
+        if signum == signal.SIGINT:
+            if not self._training:
+                raise KeyboardInterrupt
+            if self._sigint_seen:
+                os.write(2, b"second Ctrl-C: stopping now, without saving\n")
+                os._exit(130)
+            self._sigint_seen = True
+        self.stop_code = max(self.stop_code, STOP_CODES[signum])  # pending: shared by the next step's all-reduce
 
     # ------------------------------------------------------------------ state
     def model_state(self) -> dict:
@@ -164,7 +259,8 @@ class Trainer:
             "world_size": self.world,
             "skipped_images": self.skipped_images,
             "bad_steps": self.bad_steps,
-            "config": to_plain(self.cfg),
+            "config": self.config_original,  # the first segment's; the later ones that changed a setting:
+            "config_history": self.config_history,
         }
 
     def save(self, periodic: bool = False) -> None:
@@ -208,7 +304,7 @@ class Trainer:
         state = load_checkpoint(path)
         if state.get("format") != TRAIN_FORMAT:
             raise CheckpointFormatError(f"{path} is not a UNIC training checkpoint (format {state.get('format')!r})")
-        diffs = resume_mismatches(state.get("config") or {}, self.cfg, state.get("world_size"), self.world)
+        diffs = resume_mismatches(provenance.latest_config(state), self.cfg, state.get("world_size"), self.world)
         if diffs:
             raise ConfigError(
                 f"cannot resume from {path}, written with other settings ({'; '.join(diffs)}); use another "
@@ -240,7 +336,8 @@ class Trainer:
         self.bad_steps = int(state.get("bad_steps", 0))
         if not ckpt_lib.restore_rng_state(state["rng"], self.rank, self.world, self.cfg.run.seed, self.step):
             logger.warning("resuming on %d processes a checkpoint written by %d: the global batch and the data "
-                           "order are unchanged, the per-process random streams (stochastic depth) start afresh",
+                           "order are unchanged; the per-process random streams (stochastic depth) start afresh and "
+                           "UDON's relational term pairs the new local batches",
                            self.world, len(state["rng"]))
         logger.info("resumed from %s at step %d", path, self.step)
 
@@ -272,7 +369,7 @@ class Trainer:
     def train_step(self, images: torch.Tensor, domain: int | None = None,
                    labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """One optimisation step. A non-finite loss or gradient on any rank skips the step on every rank
-        (weights, optimizer and buffers untouched); every rank also learns whether any received SIGTERM.
+        (weights, optimizer and buffers untouched); every rank also learns whether any received SIGTERM or Ctrl-C.
         Both come from one 2-value all-reduce, the step's only host synchronisation."""
         cfg, step = self.cfg, self.step
         apply_schedules(self.optimizer, self.schedules.values(cfg, step))
@@ -300,9 +397,11 @@ class Trainer:
         bad = ~torch.isfinite(out["loss"].detach())
         if not self.scaler.is_enabled():  # with fp16 the scaler itself skips steps with inf gradients
             bad |= ~torch.isfinite(out["grad_norm"])
-        flags = torch.stack([bad.float(), torch.tensor(float(self.stop_requested), device=bad.device)])
+        flags = torch.stack([bad.float(), torch.tensor(float(self.stop_code), device=bad.device)])
         bad_any, stop_any = distributed.all_reduce_max(flags).tolist()
-        self.stop_requested = stop_any > 0
+        # every rank stops after the same step: on the reduced code only, never on a signal that arrived on
+        # this rank after the reduce (that one is shared by the next step's)
+        self.stop_agreed = int(stop_any)
         if bad_any > 0:
             self.optimizer.zero_grad(set_to_none=True)
             for buffer, value in zip(buffers, saved):
@@ -351,6 +450,7 @@ class Trainer:
         window_steps, window_start, data_time = 0, time.perf_counter(), 0.0
         run_start, start_step = time.perf_counter(), self.step
         self.batches.start(self.step)
+        self._training = True
         try:
             while self.step < self.max_steps:
                 fetch_start = time.perf_counter()
@@ -378,9 +478,14 @@ class Trainer:
                     self.log_window(sums, counts, window_steps, time.perf_counter() - window_start, data_time,
                                     run_start, start_step)
                     sums, counts, window_steps, data_time, window_start = {}, {}, 0, 0.0, time.perf_counter()
-                if self.stop_requested:
+                if self.stop_agreed:
+                    if STOP_SIGNALS[self.stop_agreed] == signal.SIGINT:
+                        logger.info("Ctrl-C: saving a checkpoint at step %d on every rank, then stopping (Ctrl-C "
+                                    "again quits at once, without saving)", self.step)
+                    else:
+                        logger.warning("SIGTERM received: saving a checkpoint at step %d, then stopping", self.step)
                     self.save()
-                    raise Preempted(f"stopped by SIGTERM at step {self.step}; checkpoint saved to {self.checkpoint_path}")
+                    raise Preempted(STOP_SIGNALS[self.stop_agreed], self.step, self.checkpoint_path)
                 # no checkpoint during a run of skipped (non-finite) steps: the last good one stays the newest
                 healthy = self.consecutive_bad_steps == 0
                 if cfg.train.save_every and self.step % cfg.train.save_every == 0 and healthy:
@@ -393,13 +498,40 @@ class Trainer:
                         if self.step < self.max_steps:  # the last export follows the loop
                             self.export()
         finally:
+            self._training = False
             self.batches.close()
+        train_time = time.perf_counter() - run_start
         self.save()  # no-op when this step was just saved (epoch end)
         paths = self.export()
         if self.rank == 0:
-            logger.info("done: %d steps; checkpoint %s, exported %s, config %s, TensorBoard %s",
-                        self.step, self.checkpoint_path, ", ".join(paths), os.path.join(self.output_dir, "config.yaml"),
-                        os.path.join(self.output_dir, "tensorboard"))
+            self.write_results(paths, self.step - start_step, train_time)
+
+    def write_results(self, exports: list[str], trained_steps: int, train_time: float) -> dict:
+        """``results.json`` and ``curves.png`` from ``metrics.jsonl`` (every segment of the run), and the
+        closing summary lines (rank 0)."""
+        out = self.output_dir
+        records = report.read_metrics(self.metrics.path)
+        files = {
+            "checkpoint": self.checkpoint_path, "exports": exports,
+            "config": [os.path.join(out, "config.yaml")] + provenance.resume_configs(out),
+            "metrics": self.metrics.path, "results": os.path.join(out, report.RESULTS_NAME),
+            "log": os.path.join(out, "log.txt"),
+            "tensorboard": os.path.join(out, "tensorboard") if self.metrics.tensorboard else None,
+        }
+        curves = os.path.join(out, report.CURVES_NAME)
+        files["curves"] = curves if report.plot_curves(records, curves) else None
+        results = {
+            "steps": self.step, "total_steps": self.total_steps, "trained_steps": trained_steps,
+            "wall_time_s": time.perf_counter() - self.started, "train_time_s": train_time,
+            "images_per_s": trained_steps * self.global_batch / train_time if train_time > 0 else 0.0,
+            "global_batch": self.global_batch, "world_size": self.world, "skipped_images": self.skipped_images,
+            "skipped_steps": self.bad_steps, "skipped_features": self.skipped, **report.summarize(records),
+            "files": files,
+        }
+        write_json(files["results"], results)
+        for line in report.format_summary(results):
+            logger.info("%s", line)
+        return results
 
     def log_window(self, sums, counts, steps, elapsed, data_time, run_start, start_step) -> None:
         keys = sorted(k for k in sums if k not in ("grad_norm", "skipped_step"))
@@ -421,19 +553,18 @@ class Trainer:
         else:
             metrics["memory_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         self.metrics.write(self.step, metrics)
-        done = self.step - start_step
-        eta = (time.perf_counter() - run_start) / max(done, 1) * (self.max_steps - self.step)
+        done, elapsed = self.step - start_step, time.perf_counter() - run_start
+        eta = elapsed / max(done, 1) * (self.max_steps - self.step)
         logger.info(
-            "step %d/%d (epoch %d) loss %.4f lr %.2e grad %.2f | %.1f img/s, data %.3fs/step | ETA %s",
-            self.step, self.max_steps, (self.step - 1) // self.steps_per_epoch, metrics["loss"], metrics["lr"],
-            metrics["grad_norm"], metrics["images_per_s"], metrics["data_time_s"], _hms(eta),
+            "step %d/%d (%d%%, epoch %d) loss %.4f lr %.2e grad %.2f | %.1f img/s, data %.3fs/step | "
+            "elapsed %s, ETA %s",
+            self.step, self.max_steps, 100 * self.step // self.max_steps, (self.step - 1) // self.steps_per_epoch,
+            metrics["loss"], metrics["lr"], metrics["grad_norm"], metrics["images_per_s"], metrics["data_time_s"],
+            report.hms(elapsed), report.hms(eta),
         )
 
     def close(self) -> None:
         if hasattr(self, "metrics"):
             self.metrics.close()
-
-
-def _hms(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+        for sig, handler in getattr(self, "_handlers", {}).items():
+            signal.signal(sig, handler)

@@ -85,10 +85,32 @@ def _saved_bytes(fn, exclude: list[torch.Tensor]) -> int:
     return sum(seen.values())
 
 
+def skipped_features(cfg: DictConfig, data_skips: list[dict] | None = None, device: torch.device | None = None) -> list[dict]:
+    """What the run will not do although asked, and why: ``data_skips`` (validation without a val split, from
+    :func:`unic.train.build.build_datasets`) and what the machine lacks (TensorBoard, matplotlib, a C++
+    compiler for ``train.compile`` on CPU). Each is ``{"feature", "reason"}``, warned once at start-up."""
+    from unic.train.build import compile_unavailable
+    from unic.train.logger import tensorboard_available
+
+    skipped = list(data_skips or [])
+    if not tensorboard_available():
+        skipped.append({"feature": "TensorBoard", "reason": "the tensorboard package is not installed "
+                        "(pip install tensorboard); metrics.jsonl is written all the same"})
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        skipped.append({"feature": "curves.png", "reason": "matplotlib is not installed"})
+    reason = compile_unavailable(cfg, device or torch.device("cpu" if cfg.run.device == "cpu" else "cuda"))
+    if reason:
+        skipped.append({"feature": "train.compile", "reason": f"{reason}; the student runs eagerly"})
+    return skipped
+
+
 def build_plan(cfg: DictConfig, world_size: int = 1, num_train_images: int | None = None,
-               device: torch.device | None = None) -> dict:
+               device: torch.device | None = None, skipped: list[dict] | None = None) -> dict:
     """The plan of ``cfg`` on ``world_size`` processes; ``num_train_images`` when the train split is known,
-    ``device`` the one the run uses (default: CUDA unless ``run.device=cpu``, the target of a real run)."""
+    ``device`` the one the run uses (default: CUDA unless ``run.device=cpu``, the target of a real run),
+    ``skipped`` the features the run turns off (:func:`skipped_features`)."""
     from unic.models.ladder import UnicModel
     from unic.train.build import build_backbone, build_ladder, build_teachers
 
@@ -96,7 +118,7 @@ def build_plan(cfg: DictConfig, world_size: int = 1, num_train_images: int | Non
     device = device or torch.device("cpu" if cfg.run.device == "cpu" else "cuda")
     precision = resolve_precision(cfg.run.precision, device)
     global_batch, per_gpu = resolve_batch(cfg, world_size)
-    plan: dict = {"world_size": world_size, "device": device.type}
+    plan: dict = {"world_size": world_size, "device": device.type, "skipped": list(skipped or [])}
 
     with torch.device("meta"):  # the trainer's builders, without weights
         backbone = build_backbone(cfg, load_pretrained=False)
@@ -209,25 +231,50 @@ def build_plan(cfg: DictConfig, world_size: int = 1, num_train_images: int | Non
     return plan
 
 
+def count_text(n: float) -> str:
+    """A parameter count a reader takes in at once: 86.6M, 21.3k, 340."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def flops_text(n: float) -> str:
+    """FLOPs with the unit that keeps them readable: 17.6 GFLOP, 3.1 MFLOP."""
+    for scale, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}FLOP"
+    return f"{n:.0f} FLOP"
+
+
+def gb_text(gb: float) -> str:
+    return f"{gb:.1f} GB" if gb >= 0.1 else f"{gb * 1024:.1f} MB"
+
+
+def student_text(s: dict) -> str:
+    """The student's real architecture, e.g. ``ViT width 32, depth 2, heads 2, patch 8, 32 px``."""
+    return (f"ViT width {s['width']}, depth {s['depth']}, heads {s['heads']}, patch {s['patch']}, "
+            f"{s['img_size']} px")
+
+
 def format_plan(plan: dict) -> str:
     """The plan as the lines a researcher reads before a long run."""
     s, sch, mem, fl = plan["student"], plan["schedule"], plan["memory_per_gpu"], plan["flops_per_image"]
-    kwargs = f" {s['kwargs']}" if s["kwargs"] else ""
+    kwargs = ", ".join(f"{k}={v}" for k, v in s["kwargs"].items())
     lines = [
-        f"student  {s['arch']}{kwargs}: width {s['width']}, depth {s['depth']}, heads {s['heads']}, patch {s['patch']}, "
-        f"{s['img_size']} px ({s['tokens']} tokens), {s['params'] / 1e6:.1f}M params "
-        f"({s['trainable_params'] / 1e6:.1f}M trained), LayerScale {'yes' if s['layerscale'] else 'no'}, "
-        f"registers {s['registers']}, drop path {s['drop_path']}",
+        f"student  {student_text(s)} ({s['tokens']} tokens), {count_text(s['params'])} params "
+        f"({count_text(s['trainable_params'])} trained); timm {s['arch']}" + (f" with {kwargs}" if kwargs else "")
+        + f"; LayerScale {'yes' if s['layerscale'] else 'no'}, registers {s['registers']}, drop path {s['drop_path']}",
     ]
     if "ladder" in plan:
         lad = plan["ladder"]
-        lines.append(f"ladder   {lad['projectors']} projectors, {lad['params'] / 1e6:.1f}M params, blocks {lad['blocks']}, "
+        lines.append(f"ladder   {lad['projectors']} projectors, {count_text(lad['params'])} params, blocks {lad['blocks']}, "
                      f"hidden {lad['hidden_dim']} / {lad['last_hidden_dim']} (last), last tap {lad['last_tap']}")
     for name, t in plan["teachers"].items():
         where = t["file"] or t["hub"] or t["weights"]
         state = "" if t["weights"] != "file" else (" (found)" if t["exists"] else " (MISSING)")
         lines.append(f"teacher  {name}: {t['arch']} ({t['source']}), {t['resolution']} px, patch {t['patch']}, "
-                     f"dim {t['dim']}, {t['params'] / 1e6:.1f}M params, weights {where}{state}")
+                     f"dim {t['dim']}, {count_text(t['params'])} params, weights {where}{state}")
     if "udon" in plan:
         u = plan["udon"]
         lines.append(f"udon     {u['head']} heads, teacher dim {u['teacher_dim']}, universal dim {u['universal_dim']}, "
@@ -247,13 +294,14 @@ def format_plan(plan: dict) -> str:
         + (f"; head lr {sch['head_lr']:.3g}" if sch["head_lr"] is not None else "")
         + f"; {sch['precision']} on {plan['device']}; clip {sch['clip_grad']} ({sch['clip_mode']})",
         f"schedule {steps}" + (f"; {images}" if images else ""),
-        "flops    per image: " + ", ".join(f"{k} {v / 1e9:.1f} G" for k, v in fl.items())
-        + f"; {plan['tflops_per_step_per_gpu']:.1f} TFLOP per step per GPU",
-        f"memory   ~{mem['total_gb']:.1f} GB per GPU: trainable state {mem['weights_grads_adamw_gb']:.1f}, "
-        f"DDP buckets {mem['ddp_buckets_gb']:.1f}, autocast copies {mem['autocast_weight_copies_gb']:.1f}, "
-        f"teachers {mem['teachers_gb']:.1f}, activations {mem['activations_gb']:.1f} "
-        f"({mem['activations_per_image_mb']:.0f} MB per image)",
+        "flops    per image: " + ", ".join(f"{k} {flops_text(v)}" for k, v in fl.items())
+        + f"; {flops_text(plan['tflops_per_step_per_gpu'] * 1e12)} per step per GPU",
+        f"memory   ~{gb_text(mem['total_gb'])} per GPU: trainable state {gb_text(mem['weights_grads_adamw_gb'])}, "
+        f"DDP buckets {gb_text(mem['ddp_buckets_gb'])}, autocast copies {gb_text(mem['autocast_weight_copies_gb'])}, "
+        f"teachers {gb_text(mem['teachers_gb'])}, activations {gb_text(mem['activations_gb'])} "
+        f"({mem['activations_per_image_mb']:.1f} MB per image)",
     ]
+    lines += [f"skipped  {item['feature']}: {item['reason']}" for item in plan.get("skipped", [])]
     return "\n".join(lines)
 
 
