@@ -165,7 +165,7 @@ def build_plan(cfg: DictConfig, world_size: int = 1, num_train_images: int | Non
         "backbone_lr": derived["backbone_lr"], "head_lr": derived["head_lr"],
         "weight_decay": [cfg.optim.weight_decay, cfg.optim.weight_decay_end], "epochs": cfg.optim.epochs,
         "train_images": num_train_images,
-        "train_images_source": "data" if known else ("assumed (data.root not read)" if num_train_images else "unknown"),
+        "train_images_source": "data" if known else ("assumed: data.root not read" if num_train_images else "unknown"),
         "steps_per_epoch": steps_per_epoch, "total_steps": None, "run_steps": None, "warmup_steps": None,
         "backbone_frozen_steps": None,
         "clip_grad": cfg.optim.clip_grad, "clip_mode": cfg.optim.clip_mode, "precision": precision,
