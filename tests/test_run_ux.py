@@ -65,6 +65,16 @@ def test_resume_keeps_the_config_history_and_a_finished_run_says_so(tmp_path, de
         "0.0001. Use another run.output_dir or train.resume=false")
     assert os.path.getmtime(out / "checkpoint.pth") == mtime and not (out / "config.resume-2.yaml").exists()
 
+    # stopped between its last step and its exports (results.json and the exports missing): the same command
+    # finishes them instead of calling the run finished
+    for name in ("results.json", "student.pth", "universal.pth", "curves.png"):
+        os.remove(out / name)
+    result = _run(demo_root, out, **{"train.max_steps": 8, "train.validate_first": "true", "optim.lr": "1e-3"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "finished    8 steps" in result.stdout and "(0 trained now" in result.stdout
+    assert all((out / name).is_file() for name in ("results.json", "student.pth", "universal.pth", "curves.png"))
+    assert json.loads((out / "results.json").read_text())["steps"] == 8
+
 
 def _wait_for_step(out, step, proc, timeout=240):
     deadline = time.time() + timeout

@@ -42,7 +42,7 @@ def check_data_root(cfg: DictConfig, root: str) -> None:
     """A clear error for a ``data.root`` that is not a folder (the presets' placeholder named as such)."""
     if os.path.isdir(root):
         return
-    if cfg.data.root is None or str(cfg.data.root).startswith(PLACEHOLDER_ROOT):
+    if str(cfg.data.root).startswith(PLACEHOLDER_ROOT):
         title = DATASET_TITLES.get(cfg.data.dataset, cfg.data.dataset)
         raise ConfigError(f"set data.root=<your {title} folder> (the preset's data.root "
                           f"{cfg.data.root} is a placeholder)")

@@ -114,7 +114,9 @@ class Trainer:
         self.bad_steps, self.consecutive_bad_steps = 0, 0
         self.stop_code = 0  # STOP_SIGNALS' key of a signal received here (0: none), shared by the next all-reduce
         self.stop_agreed = 0  # the largest stop code over all ranks at the last step: every rank acts on this one
-        self._training = False  # inside the step loop: Ctrl-C finishes the step and saves; before, it quits
+        # from the first validation to the last export: Ctrl-C is shared by the next all-reduce (the step
+        # finishes, every rank saves) or, once the steps are done, lets the run finish; before, it quits
+        self._training = False
         self._sigint_seen = False
         self._saved_step = -1
         self._handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -136,13 +138,15 @@ class Trainer:
         return self.batches.domain_sampler
 
     def _check_unfinished(self, state: dict) -> None:
-        """Raise :class:`FinishedRun` when the checkpoint already reached this run's last step."""
+        """Raise :class:`FinishedRun` when the checkpoint already reached this run's last step and the run
+        wrote its results (a run stopped between its last step and its exports resumes to finish them)."""
         steps_per_epoch = len(self.train_set) // self.global_batch
         if not steps_per_epoch:
             return  # fewer images than a batch: build_batches says so
         schedule = derived_schedule(self.cfg, self.global_batch, steps_per_epoch)
         step, last = int(state["step"]), schedule["run_steps"]
-        if step < last:
+        finished = os.path.isfile(os.path.join(self.output_dir, report.RESULTS_NAME))
+        if step < last or not distributed.broadcast_object(finished):  # rank 0's view, the same on every rank
             return
         changes = provenance.config_changes(provenance.latest_config(state), to_plain(self.cfg))
         text = f"{self.cfg.run.output_dir} holds a finished run (step {step} of {last}); nothing to train."
@@ -443,6 +447,7 @@ class Trainer:
 
     def _train(self) -> None:
         cfg = self.cfg
+        self._training = True
         if self.step == 0 and self.validator.should_validate(0):
             self.validator.validate(0)
         sums: dict[str, torch.Tensor] = {}
@@ -450,7 +455,6 @@ class Trainer:
         window_steps, window_start, data_time = 0, time.perf_counter(), 0.0
         run_start, start_step = time.perf_counter(), self.step
         self.batches.start(self.step)
-        self._training = True
         try:
             while self.step < self.max_steps:
                 fetch_start = time.perf_counter()
@@ -478,7 +482,7 @@ class Trainer:
                     self.log_window(sums, counts, window_steps, time.perf_counter() - window_start, data_time,
                                     run_start, start_step)
                     sums, counts, window_steps, data_time, window_start = {}, {}, 0, 0.0, time.perf_counter()
-                if self.stop_agreed:
+                if self.stop_agreed and self.step < self.max_steps:  # on the last step the run just finishes
                     if STOP_SIGNALS[self.stop_agreed] == signal.SIGINT:
                         logger.info("Ctrl-C: saving a checkpoint at step %d on every rank, then stopping (Ctrl-C "
                                     "again quits at once, without saving)", self.step)
@@ -498,13 +502,13 @@ class Trainer:
                         if self.step < self.max_steps:  # the last export follows the loop
                             self.export()
         finally:
-            self._training = False
             self.batches.close()
         train_time = time.perf_counter() - run_start
         self.save()  # no-op when this step was just saved (epoch end)
         paths = self.export()
         if self.rank == 0:
             self.write_results(paths, self.step - start_step, train_time)
+        self._training = False
 
     def write_results(self, exports: list[str], trained_steps: int, train_time: float) -> dict:
         """``results.json`` and ``curves.png`` from ``metrics.jsonl`` (every segment of the run), and the
