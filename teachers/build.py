@@ -92,7 +92,7 @@ def resolve_weights(spec: TeacherSpec, weights: str | None, weights_dir: str) ->
     )
 
 
-def check_weights(names: list[str], weights: dict[str, str], weights_dir: str) -> None:
+def check_weights(names: list[str], weights: dict[str, str | None], weights_dir: str) -> None:
     """Find every teacher's weight source before any model is built; one TeacherWeightsError listing all
     that are missing (a run that lacks three files says so once, not in three retries)."""
     from teachers.registry import get_spec

@@ -39,9 +39,9 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` (CUDA when available), ``cpu`` or ``cuda`` as this rank's device; CUDA requested on a machine
     without it is a :class:`unic.config.ConfigError` (a user error, like any bad setting)."""
-    from unic.config import ConfigError
+    from unic.config import COMMON_CHOICES, ConfigError
 
-    if device not in ("auto", "cpu", "cuda"):
+    if device not in COMMON_CHOICES["run.device"]:
         raise ConfigError(f"invalid value for 'run.device': {device!r}; choose one of auto, cpu, cuda")
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
@@ -210,6 +210,15 @@ def describe_progress() -> str:
         else:
             parts.append(f"rank {rank} at step {step}" + (" (stalled, behind)" if lead is not None and step < lead else ""))
     return ", ".join(parts)
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj``, in rank order (``[obj]`` on a single process)."""
+    if not is_enabled():
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_object(obj, src: int = 0):

@@ -10,7 +10,6 @@ The preflight plan (:mod:`unic.train.plan`) builds its models with the same :fun
 from __future__ import annotations
 
 import os
-import random
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,12 +23,6 @@ from unic.data.folders import ImageListDataset
 from unic.models.ladder import Ladder, UnicModel
 from unic.models.universal import DomainHeads
 from unic.train.standardize import TeacherStandardizer
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -126,7 +119,7 @@ def check_teacher_weights(cfg: DictConfig) -> None:
 
     if objectives(cfg)[0]:
         sources = teacher_weights(cfg)
-        check_weights(list(sources), {n: w for n, w in sources.items() if w is not None}, cfg.teachers.weights_dir)
+        check_weights(list(sources), sources, cfg.teachers.weights_dir)
 
 
 def build_teachers(cfg: DictConfig, weights: str | None = None) -> nn.ModuleDict:
@@ -185,9 +178,11 @@ def label_tables(classes: list[list[int]]) -> list[torch.Tensor]:
     return tables
 
 
-def build_domain_heads(cfg: DictConfig, embed_dim: int, train_set: ImageListDataset) -> DomainHeads:
-    """UDON's per-domain teacher heads and margin classifiers, sized by the train split's classes."""
-    domains, classes = list(train_set.domain_names), domain_classes(train_set)
+def build_domain_heads(cfg: DictConfig, embed_dim: int, train_set: ImageListDataset,
+                       classes: list[list[int]]) -> DomainHeads:
+    """UDON's per-domain teacher heads and margin classifiers, sized by the train split's classes
+    (``classes``: :func:`domain_classes` of ``train_set``)."""
+    domains = list(train_set.domain_names)
     counts = {d: [0] * len(classes[i]) for i, d in enumerate(domains)}
     position = [{c: j for j, c in enumerate(cls)} for cls in classes]
     for _, labels, d in train_set.samples:
@@ -223,8 +218,9 @@ def build_model(cfg: DictConfig, train_set: ImageListDataset, device: torch.devi
     universal, domain_heads, label_maps = None, None, None
     if udon:
         universal = nn.Linear(backbone.embed_dim, cfg.udon.universal_dim)
-        domain_heads = build_domain_heads(cfg, backbone.embed_dim, train_set).to(device)
-        label_maps = [table.to(device) for table in label_tables(domain_classes(train_set))]
+        classes = domain_classes(train_set)
+        domain_heads = build_domain_heads(cfg, backbone.embed_dim, train_set, classes).to(device)
+        label_maps = [table.to(device) for table in label_tables(classes)]
     standardizer = None
     if distill:
         teachers.to(device)

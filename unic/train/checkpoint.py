@@ -53,6 +53,13 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def seed_everything(seed: int) -> None:
+    """Seed every RNG the training step touches (Python, NumPy, torch)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def restore_rng_state(states: list[dict], rank: int, world: int, seed: int, step: int) -> bool:
     """Give this rank the RNG state it saved (True), or, resumed on another number of processes, a fresh
     stream of its own derived from (``seed``, ``rank``, ``step``) (False). Only stochastic depth draws from
@@ -63,9 +70,7 @@ def restore_rng_state(states: list[dict], rank: int, world: int, seed: int, step
         set_rng_state(states[rank])
         return True
     stream = int(np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)[0])
-    random.seed(stream)
-    np.random.seed(stream % 2**32)
-    torch.manual_seed(stream)
+    seed_everything(stream)
     return False
 
 

@@ -23,7 +23,7 @@ from unic.models.export import FORMAT_VERSION, TRAIN_FORMAT, student_export, uni
 from unic.train import checkpoint as ckpt_lib
 from unic.train import provenance, report
 from unic.train.build import (build_batches, build_datasets, build_model, build_optimizer, build_schedules,
-                              build_task, check_teacher_weights, seed_everything, wrap_ddp)
+                              build_task, check_teacher_weights, wrap_ddp)
 from unic.train.logger import MetricsWriter, setup_logging
 from unic.train.optim import apply_schedules, clip_gradients
 from unic.train.plan import skipped_features
@@ -80,7 +80,7 @@ class Trainer:
         self.precision = distributed.resolve_precision(cfg.run.precision, self.device)
         if self.precision != "fp32" and self.device.type == "cpu" and cfg.run.precision != "auto":
             logger.warning("%s autocast on CPU is slow; fp32 is the CPU default", self.precision)
-        seed_everything(cfg.run.seed)
+        ckpt_lib.seed_everything(cfg.run.seed)
         self.distill, self.udon = objectives(cfg)
 
         # everything that can fail on user input is checked before the output folder exists
@@ -242,12 +242,7 @@ class Trainer:
 
     def state_dict(self) -> dict:
         """The run's state (collective: every rank's RNG state is gathered; the rest is replicated)."""
-        rng = ckpt_lib.rng_state()
-        rngs = [None] * self.world
-        if distributed.is_enabled():
-            torch.distributed.all_gather_object(rngs, rng)
-        else:
-            rngs = [rng]
+        rngs = distributed.all_gather_object(ckpt_lib.rng_state())
         return {
             "format": TRAIN_FORMAT,
             "version": FORMAT_VERSION,
@@ -293,10 +288,7 @@ class Trainer:
 
     def write_bad_file_report(self) -> None:
         """``bad_images.json``: every unreadable image any rank passed over, with the reason (collective)."""
-        reports = [self.bad_files]
-        if distributed.is_enabled():
-            reports = [None] * self.world
-            torch.distributed.all_gather_object(reports, self.bad_files)
+        reports = distributed.all_gather_object(self.bad_files)
         merged = {path: reason for report in reports for path, reason in report.items()}
         if self.rank == 0 and merged:
             write_json(os.path.join(self.output_dir, "bad_images.json"),
@@ -465,8 +457,9 @@ class Trainer:
                 labels = batch["label"].to(self.device, non_blocking=True) if domain is not None else None
                 measure = (self.step + 1) % cfg.train.log_every == 0
                 out = self.train_step(images, domain, labels)
-                self.skipped_images += int(batch["skipped"].sum())
-                for lines in batch["bad"]:
+                skipped = int(batch["skipped"].sum())  # a CPU tensor: no device sync
+                self.skipped_images += skipped
+                for lines in batch["bad"] if skipped else ():  # every entry is empty when nothing was skipped
                     for line in filter(None, lines.split("\n")):
                         path, _, reason = line.partition(": ")
                         self.bad_files[path] = reason

@@ -46,10 +46,10 @@ def weights_status(name: str, cfg: DictConfig) -> dict:
     """Where a teacher's weights come from and whether that file exists (never raises)."""
     from teachers.build import TeacherWeightsError, resolve_weights
     from teachers.registry import get_spec
-    from unic.models.teacher import teacher_key
+    from unic.train.build import teacher_weights
 
     spec = get_spec(name)
-    given = cfg.teachers.weights.get(name, cfg.teachers.weights.get(teacher_key(name)))
+    given = teacher_weights(cfg)[name]
     try:
         kind, where = resolve_weights(spec, given, cfg.teachers.weights_dir)
         return {"weights": kind, "file": where if kind == "file" else None,
