@@ -46,10 +46,10 @@ CONFIG_NAME = "extract_config.yaml"
 
 
 def parse(argv: list[str] | None) -> DictConfig:
-    """The validated config; then the checks that look at the machine and the files, before any work."""
+    """The validated config, then the check that its model file exists, before any work (the device is
+    checked by ``init_distributed``)."""
     cfg, _ = parse_config(argv, ExtractConfig, f"{__doc__}\n{layouts_help()}", EXAMPLE)
     source_file_exists(cfg)
-    distributed.resolve_device(cfg.run.device)
     return cfg
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from unic.config import (ConfigError, closest_key, config_keys, load_config, packaged_presets, resolve_config_file,
+from unic.config import (CONFIG_DIR, ConfigError, closest_key, config_keys, load_config, packaged_presets,
                          save_config)
 
 _FIELD = re.compile(r"^\s+(?P<name>\w+)\s*:[^#]*?(#\s*(?P<comment>.+))?$")
@@ -61,7 +61,8 @@ def _summary(cls: type) -> str:
     return inspect.cleandoc(doc).split("\n\n")[0].replace("\n", " ")
 
 
-def _format_value(value: Any) -> str:
+def format_value(value: Any) -> str:
+    """A setting's value as it is written on the command line and in logs (``null``, ``[1, 2]``, text as is)."""
     if isinstance(value, str):
         return repr(value) if value == "" else value
     return "null" if value is None else json.dumps(value)
@@ -74,35 +75,52 @@ def describe(schema: type, values: DictConfig | None = None, prefix: str = "") -
         values = OmegaConf.structured(schema)
     lines: list[str] = []
     comments = _field_comments(schema)
+    instance = schema()  # field types are strings (postponed annotations): read them off an instance
     for f in dataclasses.fields(schema):
         node = values._get_node(f.name)
-        group = f.type if isinstance(f.type, type) else type(getattr(schema(), f.name))
+        group = type(getattr(instance, f.name))
         if dataclasses.is_dataclass(group):
             summary = _summary(group)
             lines += ["", f"  {prefix}{f.name}:" + (f"  {summary}" if summary else "")]
             lines += describe(group, values[f.name], f"{prefix}{f.name}.")
             continue
         value = OmegaConf.to_container(node) if isinstance(node, (DictConfig, ListConfig)) else node._value()
-        text = f"    {prefix}{f.name} = {_format_value(value)}"
+        text = f"    {prefix}{f.name} = {format_value(value)}"
         if f.name in comments:
             text = f"{text:<46} # {comments[f.name]}"
         lines.append(text)
     return lines
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose key listing is written only when the help is shown (a run never pays for it)."""
+
+    def __init__(self, *args, help_texts: Callable[[], tuple[str, str]], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._help_texts = help_texts
+
+    def format_help(self) -> str:
+        self.epilog, config_help = self._help_texts()
+        next(a for a in self._actions if a.dest == "config").help = config_help
+        return super().format_help()
+
+
 def build_parser(schema: type, doc: str, example: str, default_config: str | None = None,
                  flags: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.ArgumentParser:
-    defaults = load_config(default_config, [], schema) if default_config else None
-    where = f" (values of {os.path.basename(default_config)})" if default_config else " and their defaults"
-    epilog = "\n".join([
-        f"configuration keys{where}; set any as key=value, lists as key=[a,b], unset as key=null:",
-        *describe(schema, defaults), "", "example:", f"  {example}",
-    ])
-    parser = argparse.ArgumentParser(description=doc, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
-    shown = f"default: {default_config}" if default_config else "default: none, the keys' defaults below"
-    presets = _presets_for(schema)
-    named = f" or packaged preset name ({', '.join(presets)})" if presets else ""
-    parser.add_argument("--config", default=default_config, metavar="F", help=f"YAML file{named}; {shown}")
+    def help_texts() -> tuple[str, str]:
+        defaults = load_config(default_config, [], schema) if default_config else None
+        where = f" (values of {os.path.basename(default_config)})" if default_config else " and their defaults"
+        epilog = "\n".join([
+            f"configuration keys{where}; set any as key=value, lists as key=[a,b], unset as key=null:",
+            *describe(schema, defaults), "", "example:", f"  {example}",
+        ])
+        shown = f"default: {default_config}" if default_config else "default: none, the keys' defaults below"
+        presets = _presets_for(schema)
+        named = f" or packaged preset name ({', '.join(presets)})" if presets else ""
+        return epilog, f"YAML file{named}; {shown}"
+
+    parser = _Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter, help_texts=help_texts)
+    parser.add_argument("--config", default=default_config, metavar="F")
     if flags is not None:
         flags(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="settings over the config file's")
@@ -113,7 +131,7 @@ def _presets_for(schema: type) -> list[str]:
     """The packaged presets whose groups all belong to ``schema`` (the training presets for training)."""
     groups = {f.name for f in dataclasses.fields(schema)}
     return [name for name in packaged_presets()
-            if set(OmegaConf.load(resolve_config_file(name)).keys()) <= groups]
+            if set(OmegaConf.load(os.path.join(CONFIG_DIR, f"{name}.yaml")).keys()) <= groups]
 
 
 def parse(argv: Sequence[str] | None, schema: type, doc: str, example: str, default_config: str | None = None,

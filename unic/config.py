@@ -309,25 +309,14 @@ def _validate(cfg: DictConfig) -> None:
     from unic.data.registry import dataset_names
 
     check_choices(cfg, {"data.dataset": dataset_names(trainable=True), **_CHOICES})
-    positive = [
+    check_range(cfg, positive=[
         "student.img_size", "optim.epochs", "ladder.hidden_dim",
         "ladder.last_hidden_dim", "train.log_every", "train.max_bad_steps", "train.collective_timeout_s",
-    ]
-    for key in positive:
-        if OmegaConf.select(cfg, key) <= 0:
-            raise ConfigError(f"invalid value for '{key}': must be > 0, got {OmegaConf.select(cfg, key)}")
-    non_negative = [
+    ], non_negative=[
         "optim.warmup_epochs", "optim.lr", "optim.min_lr", "optim.weight_decay",
         "optim.clip_grad", "udon.window_reset_every", "train.save_every", "train.max_steps", "train.keep_checkpoints",
         "data.worker_timeout_s", "student.drop_path",
-    ]
-    for key in non_negative:
-        if OmegaConf.select(cfg, key) < 0:
-            raise ConfigError(f"invalid value for '{key}': must be >= 0, got {OmegaConf.select(cfg, key)}")
-    for key in ("loss.drop_prob", "data.knn_train_fraction", "student.drop_path"):
-        value = OmegaConf.select(cfg, key)
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"invalid value for '{key}': must be in [0, 1], got {value}")
+    ], unit=["loss.drop_prob", "data.knn_train_fraction", "student.drop_path"])
     if not 0.0 < cfg.data.knn_train_fraction:
         raise ConfigError("invalid value for 'data.knn_train_fraction': must be > 0")
     for key in ("student.mean", "student.std"):
@@ -335,17 +324,12 @@ def _validate(cfg: DictConfig) -> None:
         if len(value) != 3 or (key == "student.std" and min(value) <= 0):
             what = "three numbers > 0" if key == "student.std" else "three numbers"
             raise ConfigError(f"invalid value for '{key}': expected {what}, got {value}")
-    if cfg.data.global_batch is not None and cfg.data.global_batch <= 0:
-        raise ConfigError(f"invalid value for 'data.global_batch': must be > 0, got {cfg.data.global_batch}")
+    check_range(cfg, positive=["data.global_batch"])
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"invalid value for 'optim.betas': expected two numbers, got {list(cfg.optim.betas)}")
-    for key in ("udon.teacher_dim", "udon.universal_dim", "udon.temperature", "udon.update_every"):
-        if OmegaConf.select(cfg, key) <= 0:
-            raise ConfigError(f"invalid value for '{key}': must be > 0, got {OmegaConf.select(cfg, key)}")
-    for key in ("loss.w_distill", "loss.w_udon", "udon.head_lr", "udon.relational_weight",
-                "udon.freeze_backbone_epochs", "udon.head_weight_decay"):
-        if OmegaConf.select(cfg, key) < 0:
-            raise ConfigError(f"invalid value for '{key}': must be >= 0, got {OmegaConf.select(cfg, key)}")
+    check_range(cfg, positive=["udon.teacher_dim", "udon.universal_dim", "udon.temperature", "udon.update_every"],
+                non_negative=["loss.w_distill", "loss.w_udon", "udon.head_lr", "udon.relational_weight",
+                              "udon.freeze_backbone_epochs", "udon.head_weight_decay"])
     distill, udon = objectives(cfg)
     if not distill and not udon:
         raise ConfigError("nothing to train: loss.w_distill is 0 and UDON is off (udon.enabled / loss.w_udon)")

@@ -101,9 +101,13 @@ def _make(samples: list[tuple[str, int]], classes: Sequence[str], scanned: bool 
     return TransferSplit([(path, [int(label)], 0) for path, label in samples], list(classes), scanned)
 
 
+def _subfolders(path: str) -> list[str]:
+    """The sorted names of the folders in ``path`` (class folders)."""
+    return sorted(e.name for e in os.scandir(path) if e.is_dir())
+
+
 def _class_folders(name: str, data_dir: str, folder: str) -> list[str]:
-    root = _expect(name, data_dir, os.path.join(data_dir, folder), f"split folder '{folder}'")
-    return sorted(e.name for e in os.scandir(root) if e.is_dir())
+    return _subfolders(_expect(name, data_dir, os.path.join(data_dir, folder), f"split folder '{folder}'"))
 
 
 def _folder_split(name: str, data_dir: str, folders: Sequence[str], classes: Sequence[str]) -> TransferSplit:
@@ -189,7 +193,7 @@ def read_cars196(name: str, data_dir: str, split: str, opts: dict) -> TransferSp
 def read_dtd(name: str, data_dir: str, split: str, opts: dict) -> TransferSplit:
     root = _find_root(data_dir, "labels", ["dtd", os.path.join("dtd", "dtd")])
     images = _expect(name, data_dir, os.path.join(root, "images"), "image folder")
-    classes = sorted(e.name for e in os.scandir(images) if e.is_dir())
+    classes = _subfolders(images)
     index = {cls: i for i, cls in enumerate(classes)}
     split_no = int(opts.get("split_no", 1))
     samples = []
@@ -208,7 +212,7 @@ def read_eurosat(name: str, data_dir: str, split: str, opts: dict) -> TransferSp
     for sub in ("2750", os.path.join("eurosat", "2750")):
         if os.path.isdir(os.path.join(data_dir, sub)):
             root = os.path.join(data_dir, sub)
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    classes = _subfolders(root)
     if not classes:
         raise FileNotFoundError(f"{name}: no class folder in {root} (expected {_layout(name)})")
     # No official split: t-ReX (after Feng et al. 2022) draws 810 test images per class (the registry's
@@ -261,7 +265,7 @@ def read_food101(name: str, data_dir: str, split: str, opts: dict) -> TransferSp
     if os.path.isfile(classes_file):
         classes = _read_lines(classes_file)
     else:
-        classes = sorted(e.name for e in os.scandir(images) if e.is_dir())
+        classes = _subfolders(images)
     index = {cls: i for i, cls in enumerate(classes)}
     part = "train" if split == "trainval" else "test"
     split_file = _expect(name, data_dir, os.path.join(root, "meta", f"{part}.txt"), f"{part} split file")

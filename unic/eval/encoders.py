@@ -169,12 +169,17 @@ def _from_open_clip(name: str, weights: str | None) -> Encoder:
     return Encoder(_OpenClipImage(model), "open_clip", size, mean, std, name=name)
 
 
+def is_named_model(source: str) -> bool:
+    """A ``timm:`` / ``open_clip:`` model name, not a file."""
+    return source.startswith(("timm:", "open_clip:"))
+
+
 def load_encoder(source: str, embedding: str = "auto", weights: str | None = None, device="cpu") -> Encoder:
     """An eval-mode :class:`Encoder` for a UNIC file, ``timm:<model>`` or ``open_clip:<model>:<tag>``.
 
     A named model that cannot be built or downloaded (unknown name, offline hub) is a
     :class:`unic.config.ConfigError` naming ``model.weights`` for a local file."""
-    if source.startswith(("timm:", "open_clip:")):
+    if is_named_model(source):
         build = _from_timm if source.startswith("timm:") else _from_open_clip
         try:
             encoder = build(source, weights)

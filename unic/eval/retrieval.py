@@ -46,7 +46,7 @@ from unic.cli import write_resolved_config
 from unic.config import ConfigError, LoaderConfig, ModelConfig, RunConfig, check_choices, check_range
 from unic.data.folders import ImageListDataset, scan_image_folder
 from unic.data.registry import DATASETS, DatasetSpec, dataset_names, get_dataset
-from unic.eval.encoders import Encoder, load_domain_encoders, load_encoder
+from unic.eval.encoders import Encoder, is_named_model, load_domain_encoders, load_encoder
 from unic.eval.features import extract_features
 from unic.eval.knn import weighted_knn
 from unic.eval.metrics import (
@@ -275,10 +275,6 @@ def imagenet_image_sets(
 
 # ------------------------------------------------------------------------------------------------------------
 # encoders and extraction
-
-
-def is_named_model(source: str) -> bool:
-    return source.startswith(("timm:", "open_clip:"))
 
 
 def load_encoders(

@@ -92,8 +92,10 @@ class ExtractConfig:
 
 def source_file_exists(cfg: DictConfig) -> None:
     """A ``model.source`` that is a file must exist (checked before any data is read or output created)."""
+    from unic.eval.encoders import is_named_model
+
     source = cfg.model.source
-    if not source.startswith(("timm:", "open_clip:")) and not os.path.isfile(os.path.expanduser(source)):
+    if not is_named_model(source) and not os.path.isfile(os.path.expanduser(source)):
         raise FileNotFoundError(f"model.source: checkpoint file not found: {source} ({_SOURCE_FORMS})")
 
 

@@ -9,12 +9,13 @@
 from __future__ import annotations
 
 import glob
-import json
 import os
 import re
 from typing import Any
 
 from omegaconf import OmegaConf
+
+from unic.cli import format_value
 
 RESUME_CONFIG = re.compile(r"config\.resume-(\d+)\.yaml$")
 _UNSET = "<unset>"
@@ -39,15 +40,9 @@ def config_changes(old: dict, new: dict) -> dict[str, list]:
             for key in sorted(set(before) | set(after)) if before.get(key, _UNSET) != after.get(key, _UNSET)}
 
 
-def _show(value: Any) -> str:
-    if value is None:
-        return "null"
-    return value if isinstance(value, str) else json.dumps(value)
-
-
 def format_changes(changes: dict[str, list]) -> str:
     """``optim.lr 0.002 -> 0.0001; train.max_steps 0 -> 20``."""
-    return "; ".join(f"{key} {_show(old)} -> {_show(new)}" for key, (old, new) in changes.items())
+    return "; ".join(f"{key} {format_value(old)} -> {format_value(new)}" for key, (old, new) in changes.items())
 
 
 def latest_config(state: dict) -> dict:
