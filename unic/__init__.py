@@ -3,11 +3,13 @@
 __version__ = "0.1.0"
 
 
-def load_student(path: str, device: str = "cpu"):
-    """The timm ViT backbone of a UNIC checkpoint (training checkpoint or exported ``student.pth``), in eval mode."""
-    from unic.models.export import load_student as _load
+def load_student(path: str, adaptor: str | None = None, device="cpu"):
+    """The student of a UNIC file (training checkpoint, ``student.pth`` or ``universal.pth``), in eval mode: the
+    timm ViT backbone, or with ``adaptor="<teacher>"`` its adaptor to that teacher (a module returning the
+    teacher-space ``{"cls": (B, D_t), "patch": (B, N, D_t)}``; :mod:`unic.models.adaptor`)."""
+    from unic.models.export import load_student as _load  # lazy: `import unic` stays light
 
-    return _load(path, device)
+    return _load(path, adaptor, device)
 
 
 __all__ = ["load_student", "__version__"]

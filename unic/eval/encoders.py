@@ -4,9 +4,15 @@
 - a UNIC training checkpoint (``checkpoint.pth``), an exported student (``student.pth``) or an exported
   universal model (``universal.pth``); ``embedding`` picks the descriptor: ``backbone`` (final-normed cls),
   ``universal`` (UDON universal projection), ``domain:<name>`` (that domain's teacher head, the oracle row
-  UDON reports) or ``auto`` (universal when the file has one, else backbone);
-- ``timm:<model>[.<tag>]`` (hub weights, or ``weights=<file>``) and ``open_clip:<model>:<tag>`` (image
-  embedding of the CLIP model), so baselines run through the same code.
+  UDON reports), ``adaptor:<teacher>`` (the student's adaptor to that teacher, :mod:`unic.models.adaptor`: its
+  teacher-space cls is the descriptor and its patch tokens the dense features) or ``auto`` (universal when the
+  file has one, else backbone);
+- ``timm:<model>[.<tag>]`` (hub weights, or ``weights=<file>``), ``open_clip:<model>:<tag>`` (image
+  embedding of the CLIP model) and ``unicom:<name>`` (Unicom's released ViTs), so baselines run through the
+  same code.
+
+Published UNIC checkpoints (``unic.pth``, ``unic_l.pth``) are read like our own files
+(:func:`unic.models.published.open_checkpoint` converts them).
 """
 
 from __future__ import annotations
@@ -24,9 +30,10 @@ class Encoder(nn.Module):
     """images (B, 3, H, W), normalised with ``mean``/``std`` -> descriptors (B, D) (not L2-normalised)."""
 
     def __init__(self, backbone: nn.Module, kind: str, img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                 head: nn.Module | None = None, name: str = ""):
+                 head: nn.Module | None = None, name: str = "", adaptor: nn.Module | None = None):
         super().__init__()
-        self.backbone, self.head, self.kind = backbone, head, kind
+        # adaptor (an unic.models.adaptor.Adaptor on ``backbone``): descriptor and patch tokens in its teacher's space
+        self.backbone, self.head, self.kind, self.adaptor = backbone, head, kind, adaptor
         self.img_size, self.mean, self.std, self.name = img_size, tuple(mean), tuple(std), name
         self.eval().requires_grad_(False)
 
@@ -37,6 +44,8 @@ class Encoder(nn.Module):
     def forward(self, images_BCHW: torch.Tensor) -> torch.Tensor:
         if self.kind == "open_clip":
             return self.backbone(images_BCHW)
+        if self.adaptor is not None:
+            return self.adaptor(images_BCHW)["cls"]
         return self._descriptor(self.backbone.forward_features(images_BCHW))
 
     def _descriptor(self, tokens_BLD: torch.Tensor) -> torch.Tensor:
@@ -51,6 +60,9 @@ class Encoder(nn.Module):
         pass through the backbone."""
         if not self.is_vit:
             raise ValueError(f"{self.name} has no timm patch tokens")
+        if self.adaptor is not None:
+            out = self.adaptor(images_BCHW)
+            return out["cls"], out["patch"]
         if not hasattr(self.backbone, "num_prefix_tokens"):  # timm CNNs: a feature map, two passes
             patches_BDhw = self.patch_features(images_BCHW, 1)
             return self(images_BCHW), patches_BDhw.flatten(2).transpose(1, 2)
@@ -58,9 +70,17 @@ class Encoder(nn.Module):
         return self._descriptor(tokens_BLD), tokens_BLD[:, self.backbone.num_prefix_tokens:]
 
     def patch_features(self, images_BCHW: torch.Tensor, num_last_blocks: int = 1) -> torch.Tensor:
-        """Final-normed patch tokens of the last ``num_last_blocks`` blocks as one (B, n*D, h, w) map."""
+        """Final-normed patch tokens of the last ``num_last_blocks`` blocks as one (B, n*D, h, w) map (an
+        adaptor's: its teacher-space patch tokens, one block)."""
         if not self.is_vit:
             raise ValueError(f"{self.name} has no patch tokens (dense evaluation needs a ViT backbone)")
+        if self.adaptor is not None:
+            if num_last_blocks != 1:
+                raise ValueError(f"{self.name}: an adaptor predicts one set of teacher patch tokens, "
+                                 f"num_last_blocks must be 1 (got {num_last_blocks})")
+            patch_BND = self.adaptor(images_BCHW)["patch"]
+            h, w = (size // self.patch_size for size in images_BCHW.shape[-2:])
+            return patch_BND.transpose(1, 2).reshape(patch_BND.shape[0], patch_BND.shape[2], h, w)
         maps = self.backbone.forward_intermediates(
             images_BCHW, indices=num_last_blocks, norm=True, output_fmt="NCHW", intermediates_only=True
         )
@@ -86,7 +106,7 @@ class Encoder(nn.Module):
 
     @property
     def embed_dim(self) -> int:
-        return self.backbone.embed_dim
+        return self.adaptor.embed_dim if self.adaptor is not None else self.backbone.embed_dim
 
 
 def load_domain_encoders(path: str, domains: Sequence[str], device: str | torch.device = "cpu") -> dict[str, Encoder]:
@@ -109,6 +129,8 @@ def _from_unic_file(path: str, embedding: str) -> Encoder:
     """The descriptor ``embedding`` of a UNIC file (the file formats: :mod:`unic.models.export`)."""
     from unic.models.export import load_unic_file
 
+    if embedding.startswith("adaptor:"):
+        return _from_adaptor(path, embedding)
     backbone, universal, heads = load_unic_file(path)
     if embedding == "auto":
         embedding = "universal" if universal is not None else "backbone"
@@ -123,9 +145,20 @@ def _from_unic_file(path: str, embedding: str) -> Encoder:
             raise ValueError(f"{path} has no teacher head for domain '{domain}' (has: {sorted(heads)})")
         head = heads[domain]
     elif embedding != "backbone":
-        raise ValueError(f"unknown embedding '{embedding}': auto, backbone, universal or domain:<name>")
+        raise ValueError(f"unknown embedding '{embedding}': auto, backbone, universal, domain:<name> or "
+                         "adaptor:<teacher>")
     return Encoder(backbone, embedding, backbone.unic_img_size, backbone.pretrained_cfg["mean"],
                    backbone.pretrained_cfg["std"], head=head, name=f"{path}:{embedding}")
+
+
+def _from_adaptor(path: str, embedding: str) -> Encoder:
+    """The student's adaptor to one teacher (``adaptor:<teacher>``) of a UNIC file."""
+    from unic.models.published import open_checkpoint
+    from unic.models.adaptor import adaptor_from_checkpoint
+
+    adaptor = adaptor_from_checkpoint(open_checkpoint(path), embedding[len("adaptor:"):], path)
+    return Encoder(adaptor.backbone, embedding, adaptor.img_size, adaptor.mean, adaptor.std, name=f"{path}:{embedding}",
+                   adaptor=adaptor)
 
 
 def _from_timm(name: str, weights: str | None) -> Encoder:
@@ -169,21 +202,33 @@ def _from_open_clip(name: str, weights: str | None) -> Encoder:
     return Encoder(_OpenClipImage(model), "open_clip", size, mean, std, name=name)
 
 
+def _from_unicom(name: str, weights: str | None) -> Encoder:
+    """Unicom's released ViTs (``unicom:ViT-B/16``; :func:`unic.models.published.load_unicom`)."""
+    from unic.models.published import load_unicom
+
+    model, size, mean, std = load_unicom(name[len("unicom:"):], weights)
+    return Encoder(model, "backbone", size, mean, std, name=name)
+
+
+NAMED_SOURCES = {"timm:": _from_timm, "open_clip:": _from_open_clip, "unicom:": _from_unicom}
+
+
 def is_named_model(source: str) -> bool:
-    """A ``timm:`` / ``open_clip:`` model name, not a file."""
-    return source.startswith(("timm:", "open_clip:"))
+    """A ``timm:`` / ``open_clip:`` / ``unicom:`` model name, not a file."""
+    return source.startswith(tuple(NAMED_SOURCES))
 
 
 def load_encoder(source: str, embedding: str = "auto", weights: str | None = None, device="cpu") -> Encoder:
-    """An eval-mode :class:`Encoder` for a UNIC file, ``timm:<model>`` or ``open_clip:<model>:<tag>``.
+    """An eval-mode :class:`Encoder` for a UNIC file (ours, or a published UNIC checkpoint), ``timm:<model>``,
+    ``open_clip:<model>:<tag>`` or ``unicom:<name>`` (Unicom's released ViTs).
 
     A named model that cannot be built or downloaded (unknown name, offline hub) is a
     :class:`unic.config.ConfigError` naming ``model.weights`` for a local file."""
     if is_named_model(source):
-        build = _from_timm if source.startswith("timm:") else _from_open_clip
+        build = next(b for prefix, b in NAMED_SOURCES.items() if source.startswith(prefix))
         try:
             encoder = build(source, weights)
-        except (RuntimeError, OSError) as err:  # timm's "Unknown model", hub download errors when offline
+        except (RuntimeError, OSError, ValueError) as err:  # unknown model names, hub downloads when offline
             from unic.config import ConfigError
 
             hint = " (offline? give a local weights file with model.weights=<file>)" if not weights else ""

@@ -59,7 +59,7 @@ from unic.eval.semseg import (
     slide_inference,
     train_linear_head,
 )
-from unic.io import CheckpointFormatError, load_checkpoint, save_checkpoint, write_json
+from unic.io import CheckpointFormatError, save_checkpoint, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -185,8 +185,10 @@ def _check_inputs(cfg: DictConfig) -> None:
 
 def check_files(cfg: DictConfig) -> None:
     """The input files the config names exist (run() checks this before any work)."""
+    from unic.eval.encoders import is_named_model
+
     source = cfg.model.source
-    if not source.startswith("timm:") and not os.path.isfile(source):
+    if not is_named_model(source) and not os.path.isfile(source):
         raise ConfigError(f"model.source: checkpoint file not found: {source}")
     if cfg.semseg.load_head is not None and not os.path.isfile(cfg.semseg.load_head):
         raise ConfigError(f"semseg.load_head: file not found: {cfg.semseg.load_head}")
@@ -373,12 +375,27 @@ def save_head(path: str, head: nn.Module, backbone: FrozenPatchBackbone, probe: 
     }, path)
 
 
-def load_head(path: str, head: nn.Module, backbone: FrozenPatchBackbone) -> tuple[int, dict | None]:
-    """Load a saved head into ``head``; returns the iteration it was saved at and its training record (the
-    schedule and resolved settings, None for heads saved before they were recorded)."""
-    ckpt = load_checkpoint(path)
+def read_head_file(path: str) -> dict:
+    """A head file's content: ours (``save_head``), or UNIC's released ADE20K linear head (an mmseg checkpoint
+    of DINOv2's BNHead, ``unic_head_ade20k.pth``) converted to ours (:func:`unic.models.published.convert_mmseg_head`)."""
+    from unic.models.published import convert_mmseg_head, is_mmseg_bn_head, read_published_file
+
+    ckpt = read_published_file(path)  # weights-only; also takes the plain metadata mmcv pickles
+    if not isinstance(ckpt, dict):
+        raise CheckpointFormatError(f"{path} is not a linear-head file (top level is {type(ckpt).__name__})")
+    if ckpt.get("format") != HEAD_FORMAT and is_mmseg_bn_head(ckpt):
+        ckpt = convert_mmseg_head(ckpt, path)
     if ckpt.get("format") != HEAD_FORMAT:
-        raise CheckpointFormatError(f"{path} is not a linear-head file written by eval_semseg.py")
+        raise CheckpointFormatError(f"{path} is not a linear-head file written by eval_semseg.py (nor an mmseg "
+                                    "BNHead checkpoint such as UNIC's unic_head_ade20k.pth)")
+    return ckpt
+
+
+def load_head(path: str, head: nn.Module, backbone: FrozenPatchBackbone) -> tuple[int, dict | None]:
+    """Load a saved head (ours, or UNIC's released mmseg head: :func:`read_head_file`) into ``head``; returns
+    the iteration it was saved at and its training record (the schedule and resolved settings, None for heads
+    saved before they were recorded and for released heads)."""
+    ckpt = read_head_file(path)
     if (ckpt["in_dim"], ckpt["num_classes"]) != (backbone.out_dim, head.num_classes):
         raise CheckpointFormatError(
             f"{path} maps {ckpt['in_dim']} features to {ckpt['num_classes']} classes, but this backbone and "

@@ -9,16 +9,40 @@ Three formats, all weights-only torch files (dicts of tensors and plain data, lo
   loader reads) with ``arch``, ``model_kwargs``, ``img_size``, ``mean`` and ``std``;
 - ``unic-universal`` (``universal.pth``, UDON runs): a student file plus the ``universal`` projection and the
   per-domain ``teacher_heads`` (``{weight, bias}`` each) and the ``domains``.
+
+Student and universal files of a distilling run also hold the student's **adaptors**, its ladder of
+projectors with the teacher statistics it was trained against (SPEC section 11), under ``adaptors``::
+
+    "adaptors": {
+        "version": 1,
+        "teachers": {<name as in teachers.names>: {"dim": D_t}, ...},   # the ladder's order
+        "blocks": [int, ...],          # student blocks feeding the ladder (sorted, non-negative)
+        "num_blocks": int,             # student depth
+        "last_tap": "raw" | "normed",  # what the ladder reads from the last block (student_taps)
+        "hidden_dim": int, "last_hidden_dim": int,
+        "ladder": {...},               # the Ladder's state dict (keys: projectors.<teacher_key(name)>.*), on CPU
+        "stats": {<name>: {"cls_mean", "cls_std", "patch_mean", "patch_std": (D_t,)}},
+        "eps": float,                  # teacher space: f = pred * (std + eps) + mean
+    }
+
+The key is optional: files written before it existed, and runs without distillation, have none and load as
+before. A training checkpoint holds the same information (``model["ladder.*"]``, ``standardizer``, the
+``ladder`` and ``teachers`` sections of its config); :func:`read_adaptors` gives the layout above from either.
+:mod:`unic.models.adaptor` turns it into a module per teacher.
 """
 
 from __future__ import annotations
 
+import re
+
+import torch
 from torch import nn
 
 from unic.models.student import build_student
 
 TRAIN_FORMAT, STUDENT_FORMAT, UNIVERSAL_FORMAT = "unic-train", "unic-student", "unic-universal"
 FORMAT_VERSION = 1
+ADAPTORS_VERSION = 1
 FORMATS = (TRAIN_FORMAT, STUDENT_FORMAT, UNIVERSAL_FORMAT)
 _HEADS = "udon.teacher_heads."  # the domain heads' prefix in a training checkpoint's model state
 
@@ -28,8 +52,63 @@ def _cpu_state(module: nn.Module) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ writers
-def student_export(backbone: nn.Module, cfg) -> dict:
-    """``student.pth``: a timm state dict under ``state_dict`` (what timm's file loader reads) + meta."""
+def adaptors_state(ladder: nn.Module, standardizer: nn.Module, num_blocks: int, last_tap: str,
+                   names: list[str] | None = None, hidden_dim: int | None = None) -> dict:
+    """The ``adaptors`` entry of an export (layout: module docstring) from a trained
+    :class:`~unic.models.ladder.Ladder` and its :class:`~unic.train.standardize.TeacherStandardizer`.
+
+    ``names`` (``teachers.names``) gives each ladder key its teacher's name (``teacher_key`` turned the dot of
+    ``timm:<model>.<tag>`` into ``_``); keys without a name there keep the key."""
+    from unic.models.teacher import teacher_key
+
+    if standardizer is None:
+        raise ValueError("exporting a ladder needs its TeacherStandardizer: the predictions are in the "
+                         "teachers' standardised space")
+    by_key = {teacher_key(n): n for n in (names or [])}
+    teachers, stats = {}, {}
+    for key, per_type in ladder.projectors.items():
+        name = by_key.get(key, key)
+        teachers[name] = {"dim": int(per_type["cls"][0][2].out_features)}
+        stats[name] = {}
+        for ttype in ("cls", "patch"):
+            mean, std = standardizer.running(key, ttype)
+            stats[name][f"{ttype}_mean"] = mean.detach().float().cpu().clone()
+            stats[name][f"{ttype}_std"] = std.detach().float().cpu().clone()
+    widths = [int(p[0].out_features) for p in next(iter(ladder.projectors.values()))["cls"]]
+    return _layout(teachers, stats, list(ladder.blocks), num_blocks, last_tap, widths, hidden_dim,
+                   _cpu_state(ladder), standardizer.eps)
+
+
+def _layout(teachers: dict, stats: dict, blocks: list[int], num_blocks: int, last_tap: str, widths: list[int],
+            hidden_dim: int | None, ladder_state: dict, eps: float) -> dict:
+    """The ``adaptors`` entry; ``widths``: each selected block's projector width."""
+    earlier = [w for b, w in zip(blocks, widths) if b != num_blocks - 1]
+    return {
+        "version": ADAPTORS_VERSION,
+        "teachers": teachers,
+        "blocks": [int(b) for b in blocks],
+        "num_blocks": int(num_blocks),
+        "last_tap": str(last_tap),
+        # a ladder fed by the last block alone has no other width in its weights: the configured one
+        "hidden_dim": int(earlier[0] if earlier else hidden_dim if hidden_dim is not None else widths[-1]),
+        "last_hidden_dim": int(widths[-1]),
+        "ladder": ladder_state,
+        "stats": stats,
+        "eps": float(eps),
+    }
+
+
+def _adaptors_entry(backbone: nn.Module, cfg, ladder: nn.Module | None, standardizer: nn.Module | None) -> dict:
+    if ladder is None:
+        return {}
+    return {"adaptors": adaptors_state(ladder, standardizer, len(backbone.blocks), cfg.ladder.last_tap,
+                                       list(cfg.teachers.names), cfg.ladder.hidden_dim)}
+
+
+def student_export(backbone: nn.Module, cfg, ladder: nn.Module | None = None,
+                   standardizer: nn.Module | None = None) -> dict:
+    """``student.pth``: a timm state dict under ``state_dict`` (what timm's file loader reads) + meta, and
+    with a ``ladder`` (and its ``standardizer``) the ``adaptors``."""
     return {
         "format": STUDENT_FORMAT,
         "version": FORMAT_VERSION,
@@ -39,14 +118,16 @@ def student_export(backbone: nn.Module, cfg) -> dict:
         "img_size": cfg.student.img_size,
         "mean": list(cfg.student.mean),
         "std": list(cfg.student.std),
+        **_adaptors_entry(backbone, cfg, ladder, standardizer),
     }
 
 
 def universal_export(backbone: nn.Module, cfg, universal: nn.Module, teacher_heads: dict[str, nn.Module],
-                     domains: list[str]) -> dict:
+                     domains: list[str], ladder: nn.Module | None = None,
+                     standardizer: nn.Module | None = None) -> dict:
     """``universal.pth``: the student file plus the universal projection and each domain's teacher head."""
     return {
-        **student_export(backbone, cfg),
+        **student_export(backbone, cfg, ladder, standardizer),
         "format": UNIVERSAL_FORMAT,
         "universal": _cpu_state(universal),
         "teacher_heads": {d: _cpu_state(h) for d, h in teacher_heads.items()},
@@ -117,16 +198,94 @@ def udon_heads(ckpt: dict) -> tuple[nn.Linear | None, dict[str, nn.Linear]]:
     return (_linear(universal) if universal is not None else None), {d: _linear(h) for d, h in heads.items()}
 
 
+def _latest_config(ckpt: dict) -> dict:
+    history = ckpt.get("config_history") or []
+    return history[-1]["config"] if history else (ckpt.get("config") or {})
+
+
+def _train_adaptors(ckpt: dict) -> dict | None:
+    """The ``adaptors`` layout of a training checkpoint's ladder and teacher statistics (None: no ladder)."""
+    from inspect import signature
+
+    from unic.models.teacher import teacher_key
+    from unic.train.standardize import TeacherStandardizer
+
+    model = ckpt.get("model", {})
+    ladder = {k[len("ladder."):]: v.detach().cpu() for k, v in model.items() if k.startswith("ladder.")}
+    if not ladder:
+        return None
+    cfg = _latest_config(ckpt)
+    by_key = {teacher_key(n): n for n in (cfg.get("teachers") or {}).get("names") or []}
+    keys = list(dict.fromkeys(k.split(".")[1] for k in ladder if k.startswith("projectors.")))
+    depth = (int(m.group(1)) for k in model if (m := re.match(r"backbone\.blocks\.(\d+)\.", k)))
+    num_blocks = 1 + max(depth)
+    settings = cfg.get("ladder") or {}
+    chosen = settings.get("blocks")
+    blocks = sorted(set(range(num_blocks) if chosen is None else (int(b) % num_blocks for b in chosen)))
+    widths = [int(ladder[f"projectors.{keys[0]}.cls.{i}.0.weight"].shape[0]) for i in range(len(blocks))]
+    running = ckpt.get("standardizer") or {}
+    key_of = TeacherStandardizer._key
+    teachers, stats = {}, {}
+    for key in keys:
+        name = by_key.get(key, key)
+        teachers[name] = {"dim": int(ladder[f"projectors.{key}.cls.0.2.weight"].shape[0])}
+        try:
+            stats[name] = {f"{t}_{s}": running[key_of(key, t, s)].detach().float().cpu()
+                           for t in ("cls", "patch") for s in ("mean", "std")}
+        except KeyError:
+            raise ValueError(f"the checkpoint has a ladder but no teacher statistics for '{name}' "
+                             "(its standardizer state is missing)") from None
+    eps = signature(TeacherStandardizer).parameters["eps"].default  # not in its state dict
+    return _layout(teachers, stats, blocks, num_blocks, settings.get("last_tap", "normed"), widths,
+                   settings.get("hidden_dim"), ladder, eps)
+
+
+def read_adaptors(ckpt: dict) -> dict | None:
+    """The ``adaptors`` (layout: module docstring) of a loaded training checkpoint, student or universal
+    export; None when it has none (a run without distillation, or a file exported before adaptors were)."""
+    fmt = ckpt.get("format")
+    if fmt == TRAIN_FORMAT:
+        return _train_adaptors(ckpt)
+    if fmt in (STUDENT_FORMAT, UNIVERSAL_FORMAT):
+        adaptors = ckpt.get("adaptors")
+        if adaptors is not None and int(adaptors.get("version", 0)) > ADAPTORS_VERSION:
+            raise ValueError(f"adaptors version {adaptors['version']} is newer than this package reads "
+                             f"({ADAPTORS_VERSION}): update unic")
+        return adaptors
+    return None
+
+
 def load_unic_file(path: str) -> tuple[nn.Module, nn.Linear | None, dict[str, nn.Linear]]:
     """(backbone, universal projection or None, {domain: teacher head}) of a UNIC file, loaded weights-only."""
-    from unic.io import load_checkpoint
+    from unic.models.published import open_checkpoint
 
-    ckpt = load_checkpoint(path)
+    ckpt = open_checkpoint(path)
     return (backbone_from_checkpoint(ckpt, path), *udon_heads(ckpt))
 
 
-def load_student(path: str, device: str = "cpu") -> nn.Module:
-    """Rebuild the student backbone from a training checkpoint or an exported ``student.pth``."""
-    from unic.io import load_checkpoint
+def _is_device(value) -> bool:
+    if isinstance(value, torch.device):
+        return True
+    try:
+        torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    return True
 
-    return backbone_from_checkpoint(load_checkpoint(path), path).to(device)
+
+def load_student(path: str, adaptor: str | None = None, device: str | torch.device = "cpu") -> nn.Module:
+    """The student of a training checkpoint or an export (``student.pth``, ``universal.pth``), in eval mode:
+    the plain timm backbone, or with ``adaptor="<teacher>"`` its :class:`~unic.models.adaptor.Adaptor` to
+    that teacher (teacher-space cls and patch tokens).
+
+    ``load_student(path, "cuda")``, the signature before adaptors, still means the device."""
+    from unic.models.published import open_checkpoint
+
+    if adaptor is not None and device == "cpu" and _is_device(adaptor):
+        adaptor, device = None, adaptor
+    ckpt = open_checkpoint(path)
+    if adaptor is None:
+        return backbone_from_checkpoint(ckpt, path).to(device)
+    from unic.models.adaptor import adaptor_from_checkpoint
+
+    return adaptor_from_checkpoint(ckpt, adaptor, path).to(device).eval()
