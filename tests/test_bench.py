@@ -20,3 +20,15 @@ def test_bench_prints_figures_and_leaves_no_folder(demo_root, tmp_path, capsys):
     assert set(glob.glob(os.path.join(tempfile.gettempdir(), "unic-bench-*"))) == before  # its folder is gone
     assert main(["--steps", "0", *overrides]) == 2
     assert "--steps >= 1" in capsys.readouterr().err
+
+
+def test_bench_baseline_measures_the_plain_path_beside_the_fast_one(demo_root, tmp_path, capsys):
+    overrides = [o for o in tiny_overrides(demo_root, str(tmp_path / "ignored")) if not o.startswith("run.output_dir")]
+    assert main(["--warmup", "0", "--steps", "1", "--baseline", *overrides]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out[out.rindex("\n{\n") + 1:])
+    fast, plain = result["fast"], result["baseline"]
+    assert fast["images_per_s"] > 0 and plain["images_per_s"] > 0
+    assert result["speedup"] == fast["images_per_s"] / plain["images_per_s"]
+    assert fast["flops_per_step_per_device"] == plain["flops_per_step_per_device"]  # the same math
+    assert any("Ladder.batched" in item for item in result["baseline_off"])

@@ -91,3 +91,61 @@ def test_frozen_teacher_resizes_renormalises_and_resamples_grid():
     grid = patch.transpose(1, 2).reshape(2, 48, 5, 5)
     expected = torch.nn.functional.interpolate(grid, size=(8, 8), mode="bilinear").flatten(2).transpose(1, 2)
     torch.testing.assert_close(out["patch"], expected)
+
+
+def _count_linear_kernels(fn) -> int:
+    """aten matmul calls (addmm / mm / bmm / linear decompositions) made by ``fn``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.addmm, torch.ops.aten.mm, torch.ops.aten.bmm):
+                Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.calls
+
+
+def test_grouped_ladder_equals_the_per_projector_loop_in_values_gradients_and_kernel_count():
+    torch.manual_seed(0)
+    teacher_dims = {"a": 12, "b": 7, "c": 12}
+    ladder = Ladder(16, 4, teacher_dims, blocks=[0, 2, -1], hidden_dim=8, last_hidden_dim=20).double()
+    for p in ladder.parameters():  # non-zero biases, so that their sum over blocks is checked too
+        torch.nn.init.normal_(p, std=0.3)
+    taps = [(torch.randn(3, 16, dtype=torch.float64), torch.randn(3, 5, 16, dtype=torch.float64))
+            for _ in range(4)]
+
+    def run(batched: bool):
+        ladder.batched = batched
+        ladder.zero_grad()
+        out = ladder(taps)
+        loss = sum((out[n][t] * torch.linspace(-1, 1, out[n][t].shape[-1], dtype=torch.float64)).sum()
+                   for n in out for t in out[n])
+        loss.backward()
+        return out, {k: p.grad.clone() for k, p in ladder.named_parameters()}
+
+    loop_out, loop_grads = run(False)
+    grouped_out, grouped_grads = run(True)
+    for name in teacher_dims:
+        for ttype in ("cls", "patch"):
+            torch.testing.assert_close(grouped_out[name][ttype], loop_out[name][ttype], rtol=1e-12, atol=1e-12)
+    assert grouped_grads.keys() == loop_grads.keys()
+    for key in loop_grads:
+        torch.testing.assert_close(grouped_grads[key], loop_grads[key], rtol=1e-12, atol=1e-12)
+    # 2 token types x (3 blocks + 3 teachers) matmuls, against 2 x 3 x 3 projectors x 2 layers
+    ladder.batched = True
+    assert _count_linear_kernels(lambda: ladder(taps)) == 2 * (3 + 3)
+    ladder.batched = False
+    assert _count_linear_kernels(lambda: ladder(taps)) == 2 * 3 * 3 * 2
+    ladder.batched = True
+    # float32 agrees to float tolerance; the state dict is the per-projector one (exports unchanged)
+    ladder32 = ladder.float()
+    taps32 = [(c.float(), p.float()) for c, p in taps]
+    grouped = ladder32(taps32)
+    ladder32.batched = False
+    torch.testing.assert_close(grouped["a"]["patch"], ladder32(taps32)["a"]["patch"], rtol=1e-5, atol=1e-5)
+    assert "projectors.a.cls.0.0.weight" in ladder32.state_dict()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 TOKEN_TYPES = ("cls", "patch")
@@ -55,7 +56,16 @@ class Ladder(nn.Module):
             for name, dim in teacher_dims.items()
         })
 
+    #: run the grouped kernels (see :meth:`forward`); ``False`` runs one small MLP per projector (the plain
+    #: path the training benchmark's ``--baseline`` measures). Both give the same values to float tolerance.
+    batched: bool = True
+
     def forward(self, taps: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+        """``taps[b] = (cls (B, D), patch (B, N, D))`` of every student block -> ``{teacher: {"cls": (B, D_t),
+        "patch": (B, N, D_t)}}``, the sum over the selected blocks of each projector's output."""
+        return self._grouped(taps) if self.batched else self._per_projector(taps)
+
+    def _per_projector(self, taps):
         out = {}
         for name, per_type in self.projectors.items():
             out[name] = {}
@@ -65,6 +75,31 @@ class Ladder(nn.Module):
                 for proj, b in zip(projs[1:], self.blocks[1:]):
                     pred = pred + proj(taps[b][t_index])
                 out[name][ttype] = pred
+        return out
+
+    def _grouped(self, taps):
+        """The same sums in 2 x (blocks + teachers) matmuls instead of 2 x 2 x blocks x teachers.
+
+        Per token type: for each block, one matmul applies every teacher's first layer (their weights stacked
+        along the output: the hidden widths concatenated); then for each teacher, one matmul applies all its
+        second layers at once to its hidden activations of every block laid side by side (weights concatenated
+        along the input), so the sum over blocks comes out of that matmul's reduction, and the biases add up
+        once. The parameters stay those of the per-projector modules (same state dict, same init)."""
+        names = list(self.projectors)
+        out: dict[str, dict[str, torch.Tensor]] = {name: {} for name in names}
+        for t_index, ttype in enumerate(TOKEN_TYPES):
+            hidden: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+            for j, block in enumerate(self.blocks):
+                firsts = [self.projectors[name][ttype][j][0] for name in names]
+                h = F.gelu(F.linear(taps[block][t_index], torch.cat([layer.weight for layer in firsts]),
+                                    torch.cat([layer.bias for layer in firsts])))
+                for name, part in zip(names, h.split([layer.out_features for layer in firsts], dim=-1)):
+                    hidden[name].append(part)
+            for name in names:
+                seconds = [proj[2] for proj in self.projectors[name][ttype]]
+                weight = torch.cat([layer.weight for layer in seconds], dim=1)  # (D_t, sum of hidden widths)
+                bias = torch.stack([layer.bias for layer in seconds]).sum(0)
+                out[name][ttype] = F.linear(torch.cat(hidden[name], dim=-1), weight, bias)
         return out
 
 

@@ -1,11 +1,17 @@
 """Training throughput benchmark: warm-up steps, then timed steps of the real trainer on any config.
 
-    python scripts/bench_train.py [--config F] [--warmup 5] [--steps 20] [--peak_tflops T] [key=value ...]
+    python scripts/bench_train.py [--config F] [--warmup 5] [--steps 20] [--peak_tflops T] [--baseline] [key=value ...]
     unic-bench-train ...   (the same, installed as a console script)
 
 Prints one JSON object: images/s, step time, peak memory and, on CUDA, achieved TFLOP/s, MFU and GPU
-utilisation, beside the preflight plan's FLOPs and memory estimate for the same configuration. FLOPs are counted by ``torch.utils.flop_counter`` over one full training step: student
-forward+backward, ladder, and every teacher forward.
+utilisation, beside the preflight plan's FLOPs and memory estimate for the same configuration. FLOPs are
+counted by ``torch.utils.flop_counter`` over one full training step: student forward+backward, ladder, and
+every teacher forward.
+
+``--baseline`` measures, in the same process and on the same batches, the same step with every fast-path
+feature off (:data:`BASELINE`: eager, one MLP per projector, the ladder in float32, AdamW without the
+foreach/fused kernels) after the configured one, and prints both figures and their ratio: the honest A/B
+on any machine.
 """
 
 from __future__ import annotations
@@ -31,7 +37,10 @@ from unic.io import CheckpointFormatError
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
 
-EXAMPLE = "python scripts/bench_train.py --config unic_vitb16_in1k --steps 10 data.global_batch=64"
+EXAMPLE = "python scripts/bench_train.py --config unic_vitb16_in1k --steps 10 --baseline data.global_batch=64"
+# what --baseline turns off, as the plain path of the same code
+BASELINE = ("eager (train.compile=false)", "one MLP per projector (Ladder.batched=False)",
+            "the ladder in float32 (outside autocast)", "AdamW without foreach/fused kernels")
 
 
 def peak_tflops(override: float | None, device: torch.device) -> float | None:
@@ -48,6 +57,25 @@ def _flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps (default: %(default)s)")
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="per-device peak for MFU (default: the table's figure for the GPU)")
+    parser.add_argument("--baseline", action="store_true",
+                        help="also measure the plain path (every fast-path feature off) and print the ratio")
+
+
+def make_baseline(trainer) -> None:
+    """Turn the built trainer's fast-path features off (:data:`BASELINE`); the weights stay as they are."""
+    ladder = trainer.model.ladder
+    if ladder is not None:
+        ladder.batched = False
+        plain_forward = ladder.forward
+
+        def fp32_forward(taps):
+            with torch.autocast(device_type=trainer.device.type, enabled=False):
+                return plain_forward([(c.float(), p.float()) for c, p in taps])
+
+        ladder.forward = fp32_forward
+    optimizer = trainer.optimizer
+    groups = [{k: v for k, v in g.items() if k not in ("foreach", "fused")} for g in optimizer.param_groups]
+    trainer.optimizer = type(optimizer)(groups, foreach=False, fused=False)
 
 
 def prefetch(trainer, count: int) -> list:
@@ -139,6 +167,16 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--warmup must be >= 0 and --steps >= 1, got {args.warmup} and {args.steps}")
         trainer = Trainer(cfg)
         result = report(trainer, args, measure(trainer, args))
+        if args.baseline:
+            trainer.close()
+            trainer = None
+            plain_cfg = parse([*argv, f"run.output_dir={out_dir}", "train.resume=false", "train.compile=false"],
+                              UnicConfig, __doc__, EXAMPLE, default_config=DEMO_CONFIG, flags=_flags)[0]
+            trainer = Trainer(plain_cfg)
+            make_baseline(trainer)
+            baseline = report(trainer, args, measure(trainer, args))
+            result = {"device": result["device"], "fast": result, "baseline": baseline, "baseline_off": list(BASELINE),
+                      "speedup": result["images_per_s"] / baseline["images_per_s"]}
         if trainer.rank == 0:
             print(json.dumps(result, indent=2))
     except (ConfigError, TeacherWeightsError, CheckpointFormatError, DataFormatError, FileNotFoundError) as err:
