@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["unic", "unic.*", "teachers", "teachers.*", "eval_transfer", "eval_dense"]),
-    py_modules=["main_unic", "main_retrieval"],
+    py_modules=["main_unic", "main_retrieval", "main_zeroshot"],
     package_data={"unic": ["configs/*.yaml"]},
     install_requires=[
         "torch>=2.1",
@@ -36,6 +36,7 @@ setup(
         "console_scripts": [
             "unic-train=main_unic:cli",
             "unic-retrieval=main_retrieval:cli",
+            "unic-zeroshot=main_zeroshot:cli",
             "unic-extract-features=eval_transfer.main_ft_extract:cli",
             "unic-transfer-clf=eval_transfer.main_clf:main",
             "unic-semseg=eval_dense.eval_semseg:cli",

@@ -32,6 +32,9 @@ class TeacherSpec:
     # how the position embedding is resampled from the weights' grid to ``resolution``: the family's own rule
     # (teachers.pos_embed.POS_EMBED_RULES: "timm", "dinov2" for DINOv2 without registers, "dinov2_reg")
     pos_embed_rule: str = "timm"
+    # CLIP family: the full open_clip model (architecture, pretrained tag) these weights belong to, whose text
+    # tower and visual projection zero-shot classification uses (unic.eval.zeroshot); None: not a CLIP model
+    open_clip: tuple[str, str | None] | None = None
 
 
 _DINO = "https://dl.fbaipublicfiles.com/dino"
@@ -83,19 +86,22 @@ TEACHERS: dict[str, TeacherSpec] = {
             for size, full in (("s", "small"), ("b", "base"), ("l", "large"), ("g", "giant"))
         ],
         # CLIP family (OpenAI / open_clip state dicts with visual.* keys, or timm files)
-        TeacherSpec(name="clip_vitb16", source="timm", arch="vit_base_patch16_clip_224", resolution=224,
+        # OpenAI's CLIPs were trained with QuickGELU: timm's *_clip_quickgelu_* architectures (the plain
+        # *_clip_224 ones run GELU, which OpenAI's weights were not trained with)
+        TeacherSpec(name="clip_vitb16", source="timm", arch="vit_base_patch16_clip_quickgelu_224", resolution=224,
                     mean=CLIP_MEAN, std=CLIP_STD, ckpt_format="clip", filename="clip_vitb16_openai.bin",
-                    url="hf-hub:timm/vit_base_patch16_clip_224.openai (open_clip_pytorch_model.bin)",
-                    hub="vit_base_patch16_clip_224.openai"),
-        TeacherSpec(name="clip_vitl14", source="timm", arch="vit_large_patch14_clip_224", resolution=224,
+                    url="hf-hub:timm/vit_base_patch16_clip_quickgelu_224.openai (open_clip_pytorch_model.bin)",
+                    hub="vit_base_patch16_clip_quickgelu_224.openai", open_clip=("ViT-B-16-quickgelu", "openai")),
+        TeacherSpec(name="clip_vitl14", source="timm", arch="vit_large_patch14_clip_quickgelu_224", resolution=224,
                     mean=CLIP_MEAN, std=CLIP_STD, ckpt_format="clip", filename="clip_vitl14_openai.bin",
-                    url="hf-hub:timm/vit_large_patch14_clip_224.openai (open_clip_pytorch_model.bin)",
-                    hub="vit_large_patch14_clip_224.openai"),
+                    url="hf-hub:timm/vit_large_patch14_clip_quickgelu_224.openai (open_clip_pytorch_model.bin)",
+                    hub="vit_large_patch14_clip_quickgelu_224.openai", open_clip=("ViT-L-14-quickgelu", "openai")),
         TeacherSpec(name="metaclip_vith14", source="timm", arch="vit_huge_patch14_clip_quickgelu_224",
                     resolution=224, mean=CLIP_MEAN, std=CLIP_STD, ckpt_format="clip",
                     filename="metaclip_h14_fullcc2.5b.bin",
                     url="https://dl.fbaipublicfiles.com/MMPT/metaclip/h14_fullcc2.5b.pt (open_clip state dict)",
-                    hub="vit_huge_patch14_clip_quickgelu_224.metaclip_2pt5b"),
+                    hub="vit_huge_patch14_clip_quickgelu_224.metaclip_2pt5b",
+                    open_clip=("ViT-H-14-quickgelu", "metaclip_fullcc")),
         # Tiny random teachers for the demo and tests: different widths, patch sizes and resolutions.
         TeacherSpec(name="toy_vit_p16_d96", source="timm", arch="vit_tiny_patch16_224", resolution=96,
                     model_kwargs={"embed_dim": 96, "depth": 2, "num_heads": 3, "img_size": 96},
@@ -130,6 +136,7 @@ def get_spec(name: str, resolution: int | None = None) -> TeacherSpec:
         spec = TeacherSpec(
             name=name, source="open_clip", arch=parts[1], resolution=224, mean=CLIP_MEAN, std=CLIP_STD,
             ckpt_format="open_clip", hub=parts[2] if len(parts) == 3 else None,
+            open_clip=(parts[1], parts[2] if len(parts) == 3 else None),
         )
     elif name in TEACHERS:
         spec = TEACHERS[name]
