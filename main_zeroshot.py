@@ -1,4 +1,4 @@
-"""Zero-shot classification through a student's adaptor to a CLIP teacher (SPEC section 11).
+r"""Zero-shot classification through a student's adaptor to a CLIP teacher (SPEC section 11).
 
     torchrun --nproc_per_node N main_zeroshot.py model.source=run/student.pth zeroshot.teacher=metaclip_vith14 \
         zeroshot.teacher_weights=/weights/metaclip_h14_fullcc2.5b.bin data.root=/data/imagenet
