@@ -30,7 +30,9 @@ setup(
     ],
     extras_require={
         "gpu": ["faiss-gpu-cu12>=1.8"],
-        "dev": ["pytest>=7.4", "pytest-timeout>=2.2"],
+        # ONNX exports (python -m unic.export); TorchScript needs nothing beyond torch
+        "export": ["onnx>=1.17", "onnxscript>=0.5", "onnxruntime>=1.20"],
+        "dev": ["pytest>=7.4", "pytest-timeout>=2.2", "onnx>=1.17", "onnxscript>=0.5", "onnxruntime>=1.20"],
     },
     entry_points={
         "console_scripts": [
@@ -42,6 +44,7 @@ setup(
             "unic-semseg=eval_dense.eval_semseg:cli",
             "unic-teachers=teachers.__main__:main",
             "unic-bench-train=unic.train.bench:cli",
+            "unic-export=unic.export:cli",
         ],
     },
 )

@@ -1,7 +1,7 @@
 """The one command-line style of every entry point: ``[--config F] [key=value ...]`` over a dataclass schema.
 
-Each entry point (``main_unic.py``, ``main_retrieval.py``, ``eval_transfer/main_ft_extract.py``,
-``eval_transfer/main_clf.py``, ``eval_dense/eval_semseg.py``, ``unic/train/bench.py``) declares an OmegaConf
+Each entry point (``main_unic.py``, ``main_retrieval.py``, ``main_zeroshot.py``, ``eval_transfer/main_ft_extract.py``,
+``eval_transfer/main_clf.py``, ``eval_dense/eval_semseg.py``, ``unic/train/bench.py``, ``python -m unic.export``) declares an OmegaConf
 dataclass schema made of the shared groups of :mod:`unic.config` (``run``, ``model``, ``data``) and its own,
 and calls :func:`parse`. The merge, the validation with closest-key hints and the resolved-config file are
 those of :func:`unic.config.load_config`; ``--help`` lists every key with its default and comment.
