@@ -6,15 +6,23 @@ at cos = +-1: sines come from ``sqrt(clamp(1 - cos^2, min=eps))`` and every ``ac
 inside (-1, 1). Adaptive state (AdaCos scale, CurricularFace t, AdaFace norm statistics, DynM margins) lives
 in registered buffers, changes only in training mode and is computed from statistics summed over ranks, so
 every rank holds the same value and checkpoints carry it.
+
+Each head writes its formula once, as ``margin_logits(cos_BC, targets, embeddings_BD)``, against a
+:class:`Targets` that says where each row's target column is and how batch statistics are reduced. The same
+formula thus serves the data-parallel head (every rank: all classes, its own rows) and Partial FC
+(``unic.models.partial_fc``: every rank all rows of the global batch, a shard of the classes).
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
+import contextvars
 import inspect
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -67,6 +75,93 @@ def _global_sums(*values: torch.Tensor | float, device: torch.device) -> torch.T
     return distributed.all_reduce_sum(stacked)
 
 
+@dataclass(frozen=True)
+class Targets:
+    """Each row's target as one call of a head sees it, and how its batch statistics are reduced.
+
+    ``labels_B``: global class ids (per-class margins are looked up with them). ``col_B``: the target's column
+    in this call's cosines, -1 where another rank holds it. ``cos_y_B``: every row's target cosine, carrying
+    the gradient where ``col_B >= 0`` (elsewhere a detached copy, used only for statistics and thresholds).
+    ``rows_split``: True for the data-parallel head (each rank has its own rows and every class), False for
+    Partial FC (each rank has every row of the global batch and a shard of the classes).
+    """
+
+    labels_B: torch.Tensor
+    col_B: torch.Tensor
+    cos_y_B: torch.Tensor
+    rows_split: bool = True
+
+    @classmethod
+    def local(cls, cos_BC: torch.Tensor, labels_B: torch.Tensor) -> Targets:
+        """All classes are columns of ``cos_BC``: the data-parallel case."""
+        return cls(labels_B, labels_B, cos_BC.gather(1, labels_B[:, None]).squeeze(1), rows_split=True)
+
+    @property
+    def held_B(self) -> torch.Tensor:
+        """Rows whose target column is in this call's cosines."""
+        return self.col_B >= 0
+
+    def target_mask(self, x_BC: torch.Tensor) -> torch.Tensor:
+        """Boolean (B, C), True at each held target column."""
+        mask = torch.zeros(x_BC.shape, dtype=torch.bool, device=x_BC.device)
+        if x_BC.shape[1] == 0:
+            return mask
+        return mask.scatter(1, self.col_B.clamp(min=0)[:, None], self.held_B[:, None])
+
+    def with_target(self, x_BC: torch.Tensor, target_B: torch.Tensor) -> torch.Tensor:
+        """``x`` with each held target column replaced by ``target`` (out of place, so autograd sees both)."""
+        if x_BC.shape[1] == 0:
+            return x_BC
+        if self.rows_split:  # every target is held: the plain scatter
+            return x_BC.scatter(1, self.col_B[:, None], target_B[:, None])
+        col_B1 = self.col_B.clamp(min=0)[:, None]
+        value_B1 = torch.where(self.held_B[:, None], target_B[:, None].to(x_BC.dtype), x_BC.gather(1, col_B1))
+        return x_BC.scatter(1, col_B1, value_B1)
+
+    def global_sums(self, cells: Sequence[torch.Tensor | float] = (), rows: Sequence[torch.Tensor | float] = (),
+                    ) -> tuple[torch.Tensor, ...]:
+        """float64 sums over the whole job: ``cells`` are sums over this call's (row, column) cells, ``rows``
+        per-row sums (counts, row statistics). One all-reduce; in Partial FC the rows are already global."""
+        values = [*cells, *rows]
+        if not values:
+            return ()
+        device = self.cos_y_B.device
+        if self.rows_split:
+            return tuple(_global_sums(*values, device=device).unbind())
+        sums = [torch.as_tensor(v, dtype=torch.float64, device=device).detach() for v in values]
+        if cells:
+            reduced = distributed.all_reduce_sum(torch.stack(sums[: len(cells)])).unbind()
+            sums[: len(cells)] = reduced
+        return tuple(sums)
+
+    def gather_rows(self, x_B: torch.Tensor) -> torch.Tensor:
+        """A per-row quantity over the global batch."""
+        return distributed.all_gather_cat(x_B) if self.rows_split else x_B
+
+
+def class_cosine(embeddings_BD: torch.Tensor, weight_KD: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """float32 cos(e, W_c) to the classes of ``weight`` (rows c*k..c*k+k-1 are class c's sub-centres, max taken)."""
+    with torch.autocast(device_type=embeddings_BD.device.type, enabled=False):
+        e_BD = F.normalize(embeddings_BD.float(), dim=-1)
+        w_KD = F.normalize(weight_KD.float(), dim=-1)
+        cos_BK = e_BD @ w_KD.T
+    if k == 1:
+        return cos_BK
+    return cos_BK.view(cos_BK.shape[0], cos_BK.shape[1] // k, k).amax(dim=-1)  # explicit: a shard may be empty
+
+
+_ALLOCATE_WEIGHTS = contextvars.ContextVar("unic_heads_allocate_weights", default=True)
+
+
+@contextlib.contextmanager
+def _without_class_weights() -> Iterator[None]:
+    token = _ALLOCATE_WEIGHTS.set(False)
+    try:
+        yield
+    finally:
+        _ALLOCATE_WEIGHTS.reset(token)
+
+
 WEIGHT_INITS = ("lecun_uniform", "normal")
 
 
@@ -90,7 +185,8 @@ class MarginHead(nn.Module, abc.ABC):
     """Base head: class weights (C*k, D) and the float32 cosine to each class (max over its k sub-centres).
 
     Weights start as UDON's ``lecun_uniform`` (``init``, see :func:`init_class_weights_`). Subclasses
-    implement ``_logits(cos, labels, embeddings)``.
+    implement ``margin_logits(cos, targets, embeddings)``. A head built by :func:`build_margin_formula` has
+    no weights (``weight`` is None): Partial FC keeps the class centres itself, sharded over ranks.
     """
 
     def __init__(self, embed_dim: int, num_classes: int, s: float, k: int = 1, init: str = "lecun_uniform") -> None:
@@ -98,21 +194,21 @@ class MarginHead(nn.Module, abc.ABC):
         if k < 1:
             raise ValueError(f"number of sub-centres k must be >= 1, got {k}")
         self.embed_dim, self.num_classes, self.k, self.s, self.init = embed_dim, num_classes, k, s, init
-        self.weight = nn.Parameter(torch.empty(num_classes * k, embed_dim))
+        if init not in WEIGHT_INITS:
+            raise ValueError(f"unknown class-weight init {init!r}; choose one of {list(WEIGHT_INITS)}")
+        if _ALLOCATE_WEIGHTS.get():
+            self.weight = nn.Parameter(torch.empty(num_classes * k, embed_dim))
+        else:
+            self.register_parameter("weight", None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        init_class_weights_(self.weight.data, self.init)
+        if self.weight is not None:
+            init_class_weights_(self.weight.data, self.init)
 
     def cosine(self, embeddings_BD: torch.Tensor) -> torch.Tensor:
         """cos(e, W_c) in float32, rows c*k..c*k+k-1 of W are class c's sub-centres (max taken)."""
-        with torch.autocast(device_type=embeddings_BD.device.type, enabled=False):
-            e_BD = F.normalize(embeddings_BD.float(), dim=-1)
-            w_KD = F.normalize(self.weight.float(), dim=-1)
-            cos_BK = e_BD @ w_KD.T
-        if self.k == 1:
-            return cos_BK
-        return cos_BK.view(-1, self.num_classes, self.k).amax(dim=-1)
+        return class_cosine(embeddings_BD, self.weight, self.k)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, return_cosine: bool = False):
         """Scaled logits (B, C) for cross-entropy; with ``return_cosine`` also the float32 cosines (B, C)."""
@@ -122,14 +218,14 @@ class MarginHead(nn.Module, abc.ABC):
             logits = self._logits(cos_BC, labels, embeddings)
         return (logits, cos_BC) if return_cosine else logits
 
-    @abc.abstractmethod
     def _logits(self, cos_BC: torch.Tensor, labels_B: torch.Tensor, embeddings_BD: torch.Tensor) -> torch.Tensor:
-        """Scaled logits from the cosines (each head's formula)."""
+        """Scaled logits from the cosines to every class (the data-parallel head)."""
+        return self.margin_logits(cos_BC, Targets.local(cos_BC, labels_B), embeddings_BD)
 
-    @staticmethod
-    def _with_target(cos_BC: torch.Tensor, labels_B: torch.Tensor, target_B: torch.Tensor) -> torch.Tensor:
-        """cos with each row's label column replaced by ``target`` (out of place, so autograd sees both)."""
-        return cos_BC.scatter(1, labels_B[:, None], target_B[:, None])
+    @abc.abstractmethod
+    def margin_logits(self, cos_BC: torch.Tensor, targets: Targets, embeddings_BD: torch.Tensor) -> torch.Tensor:
+        """Scaled logits from float32 cosines to some classes (each head's formula); the margin acts on the
+        target columns ``targets`` holds, every other column is a non-target."""
 
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, num_classes={self.num_classes}, k={self.k}, s={self.s}, init={self.init}"
@@ -142,7 +238,7 @@ class NormFace(MarginHead):
                  init: str = "lecun_uniform") -> None:
         super().__init__(embed_dim, num_classes, s, k, init)
 
-    def _logits(self, cos_BC, labels_B, embeddings_BD):
+    def margin_logits(self, cos_BC, targets, embeddings_BD):
         return self.s * cos_BC
 
 
@@ -154,9 +250,8 @@ class CosFace(MarginHead):
         super().__init__(embed_dim, num_classes, s, k, init)
         self.m = m
 
-    def _logits(self, cos_BC, labels_B, embeddings_BD):
-        cos_y = cos_BC.gather(1, labels_B[:, None]).squeeze(1)
-        return self.s * self._with_target(cos_BC, labels_B, cos_y - self.m)
+    def margin_logits(self, cos_BC, targets, embeddings_BD):
+        return self.s * targets.with_target(cos_BC, targets.cos_y_B - self.m)
 
 
 class ArcFace(MarginHead):
@@ -179,10 +274,9 @@ class ArcFace(MarginHead):
     def margins(self, labels_B: torch.Tensor) -> torch.Tensor | float:
         return self.m
 
-    def _logits(self, cos_BC, labels_B, embeddings_BD):
-        cos_y = cos_BC.gather(1, labels_B[:, None]).squeeze(1)
-        target = arc_margin(cos_y, self.margins(labels_B), self.easy_margin)
-        return self.s * self._with_target(cos_BC, labels_B, target)
+    def margin_logits(self, cos_BC, targets, embeddings_BD):
+        target = arc_margin(targets.cos_y_B, self.margins(targets.labels_B), self.easy_margin)
+        return self.s * targets.with_target(cos_BC, target)
 
 
 class SubCenterArcFace(ArcFace):
@@ -237,7 +331,8 @@ class AdaCos(MarginHead):
     """s*cos with s re-estimated from each training batch (before scaling it), no margin, no gradient through s.
 
     B_avg (mean over samples of the non-target sum of exp(s_old*cos)) uses sums and counts all-reduced over
-    ranks; the median target angle is the true median of the gathered global batch.
+    ranks; the median target angle is the true median of the gathered global batch. Under Partial FC the
+    non-target sum runs over the classes of the softmax actually computed (every class at rate 1).
     """
 
     def __init__(self, embed_dim: int, num_classes: int, *, k: int = 1, init: str = "lecun_uniform") -> None:
@@ -247,21 +342,21 @@ class AdaCos(MarginHead):
         self.register_buffer("scale", torch.tensor(self.s, dtype=torch.float32))
 
     @torch.no_grad()
-    def _update_scale(self, cos_BC: torch.Tensor, labels_B: torch.Tensor) -> None:
-        not_target_BC = torch.ones_like(cos_BC, dtype=torch.bool).scatter(1, labels_B[:, None], False)
+    def _update_scale(self, cos_BC: torch.Tensor, targets: Targets) -> None:
+        not_target_BC = ~targets.target_mask(cos_BC)
         # float64: exp(s*cos) overflows float32 once s grows past ~88
         exp_BC = torch.exp(self.scale.double() * cos_BC.double()) * not_target_BC
-        exp_sum, count = _global_sums(exp_BC.sum(), cos_BC.shape[0], device=cos_BC.device)
-        theta_y = safe_acos(cos_BC.gather(1, labels_B[:, None]).squeeze(1)).double()
-        theta_sorted = distributed.all_gather_cat(theta_y).sort().values
+        exp_sum, count = targets.global_sums(cells=[exp_BC.sum()], rows=[cos_BC.shape[0]])
+        theta_y = safe_acos(targets.cos_y_B).double()
+        theta_sorted = targets.gather_rows(theta_y).sort().values
         n = theta_sorted.numel()
         theta_med = (theta_sorted[(n - 1) // 2] + theta_sorted[n // 2]) / 2  # true median, even n included
         new_scale = torch.log(exp_sum / count) / torch.cos(theta_med.clamp(max=math.pi / 4))
         self.scale.copy_(new_scale)
 
-    def _logits(self, cos_BC, labels_B, embeddings_BD):
+    def margin_logits(self, cos_BC, targets, embeddings_BD):
         if self.training:
-            self._update_scale(cos_BC, labels_B)
+            self._update_scale(cos_BC, targets)
         return self.scale * cos_BC
 
     def extra_repr(self) -> str:
@@ -277,15 +372,17 @@ class LiArcFace(MarginHead):
         super().__init__(embed_dim, num_classes, s, k, init)
         self.m = m
 
-    def _logits(self, cos_BC, labels_B, embeddings_BD):
-        theta_BC = safe_acos(cos_BC)
-        theta_y = theta_BC.gather(1, labels_B[:, None]).squeeze(1)
-        theta_BC = self._with_target(theta_BC, labels_B, theta_y + self.m)
+    def margin_logits(self, cos_BC, targets, embeddings_BD):
+        theta_BC = targets.with_target(safe_acos(cos_BC), safe_acos(targets.cos_y_B) + self.m)
         return self.s * (math.pi - 2 * theta_BC) / math.pi
 
 
 class CurricularFace(MarginHead):
-    """ArcFace target; hard non-targets (cos > cos(theta_y + m)) become cos*(t + cos), t an EMA of mean cos_y."""
+    """ArcFace target; hard non-targets (cos > cos(theta_y + m)) become cos*(t + cos), t an EMA of mean cos_y.
+
+    Under Partial FC, t is still the mean over the whole global batch; the hard non-targets are those among
+    the sampled classes (every class at rate 1).
+    """
 
     def __init__(self, embed_dim: int, num_classes: int, *, s: float = 64.0, m: float = 0.5, k: int = 1,
                  init: str = "lecun_uniform") -> None:
@@ -293,16 +390,16 @@ class CurricularFace(MarginHead):
         self.m = m
         self.register_buffer("t", torch.zeros(()))
 
-    def _logits(self, cos_BC, labels_B, embeddings_BD):
-        cos_y = cos_BC.gather(1, labels_B[:, None]).squeeze(1)
+    def margin_logits(self, cos_BC, targets, embeddings_BD):
+        cos_y = targets.cos_y_B
         if self.training:
             with torch.no_grad():
-                cos_sum, count = _global_sums(cos_y.sum(), cos_y.numel(), device=cos_y.device)
+                cos_sum, count = targets.global_sums(rows=[cos_y.sum(), cos_y.numel()])
                 self.t.copy_(0.99 * self.t.double() + 0.01 * cos_sum / count)
         phi_y = cos_add_angle(cos_y, self.m)  # margin-added target cos, the hardness threshold
-        hard_BC = (cos_BC > phi_y.detach()[:, None]).scatter(1, labels_B[:, None], False)
+        hard_BC = (cos_BC > phi_y.detach()[:, None]) & ~targets.target_mask(cos_BC)
         cos_BC = torch.where(hard_BC, cos_BC * (self.t + cos_BC), cos_BC)
-        return self.s * self._with_target(cos_BC, labels_B, arc_margin(cos_y, self.m))
+        return self.s * targets.with_target(cos_BC, arc_margin(cos_y, self.m))
 
 
 class AdaFace(MarginHead):
@@ -331,10 +428,9 @@ class AdaFace(MarginHead):
         self.register_buffer("batch_std", torch.tensor(100.0))
 
     @torch.no_grad()
-    def _update_norm_stats(self, norms_B: torch.Tensor) -> None:
-        norm_sum, norm_sq_sum, count = _global_sums(
-            norms_B.double().sum(), norms_B.double().square().sum(), norms_B.numel(), device=norms_B.device
-        )
+    def _update_norm_stats(self, norms_B: torch.Tensor, targets: Targets) -> None:
+        norm_sum, norm_sq_sum, count = targets.global_sums(
+            rows=[norms_B.double().sum(), norms_B.double().square().sum(), norms_B.numel()])
         mean = norm_sum / count
         self.batch_mean.copy_(self.alpha * mean + (1 - self.alpha) * self.batch_mean.double())
         # a one-sample global batch has no unbiased std: keep the previous sigma (torch.where: no host sync)
@@ -342,16 +438,17 @@ class AdaFace(MarginHead):
         updated = self.alpha * std + (1 - self.alpha) * self.batch_std.double()
         self.batch_std.copy_(torch.where(count > 1, updated, self.batch_std.double()))
 
-    def _logits(self, cos_BC, labels_B, embeddings_BD):
+    def margin_logits(self, cos_BC, targets, embeddings_BD):
         cos_BC = cos_BC.clamp(-1 + self.eps, 1 - self.eps)
         norms_B = embeddings_BD.detach().float().norm(dim=-1).clamp(0.001, 100)
         if self.training:
-            self._update_norm_stats(norms_B)
+            self._update_norm_stats(norms_B, targets)
         ms_B = (self.h * (norms_B - self.batch_mean) / (self.batch_std + self.eps)).clamp(-1, 1)
-        theta_y = torch.acos(cos_BC.gather(1, labels_B[:, None]).squeeze(1))  # finite: |cos| <= 1 - eps
+        cos_y = targets.cos_y_B.clamp(-1 + self.eps, 1 - self.eps)
+        theta_y = torch.acos(cos_y)  # finite: |cos| <= 1 - eps
         theta_y = (theta_y - self.m * ms_B).clamp(self.eps, math.pi - self.eps)
         target = torch.cos(theta_y) - (self.m + self.m * ms_B)
-        return self.s * self._with_target(cos_BC, labels_B, target)
+        return self.s * targets.with_target(cos_BC, target)
 
 
 MARGIN_HEADS: dict[str, type[MarginHead]] = {
@@ -384,3 +481,10 @@ def build_margin_head(name: str, embed_dim: int, num_classes: int, **kw) -> Marg
     head = MARGIN_HEADS[name](embed_dim, num_classes, **kw)
     logger.debug("built margin head %s: %s", name, head.extra_repr())
     return head
+
+
+def build_margin_formula(name: str, embed_dim: int, num_classes: int, **kw) -> MarginHead:
+    """Head ``name`` without class weights (``weight`` is None): only its formula and state, for callers that
+    keep the class centres themselves (Partial FC shards them over ranks)."""
+    with _without_class_weights():
+        return build_margin_head(name, embed_dim, num_classes, **kw)

@@ -4,6 +4,11 @@ The universal projection gets a gradient every step and lives in the DDP-wrapped
 modules get one only when their domain is drawn, so they stay outside DDP and their gradients are averaged
 across ranks by hand (every rank draws the same domain). Their optimizer state is only touched on steps of
 their domain (gradients of other domains stay ``None``, which AdamW skips).
+
+With ``partial_fc`` (a sample rate), every classifier is a :class:`~unic.models.partial_fc.PartialFC`: its
+class centres are sharded over ranks (never all-reduced), both classifiers of a domain share one class draw
+per step, and the centres are checkpointed through ``unic.models.partial_fc.full_state`` /
+``load_full_state`` (their module ``state_dict`` holds only the replicated head state).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from torch import nn
 
 from unic import distributed
 from unic.models.heads import build_margin_head
+from unic.models.partial_fc import PartialFC, memory_bytes, sharded_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -31,29 +37,44 @@ class DomainHeads(nn.Module):
 
     def __init__(self, embed_dim: int, num_classes: dict[str, int], teacher_dim: int = 256,
                  universal_dim: int = 64, head_name: str = "normface", head_kwargs: dict | None = None,
-                 class_counts: dict[str, list[int]] | None = None):
+                 class_counts: dict[str, list[int]] | None = None, *, partial_fc: float | None = None,
+                 seed: int = 0):
+        """``partial_fc``: sample rate of Partial FC classifiers (None: ordinary replicated heads); ``seed``
+        seeds their centres and class draws (domain i: teacher ``seed + 2i``, universal ``seed + 2i + 1``;
+        the universal classifier uses the teacher's draw)."""
         super().__init__()
         self.domains = list(num_classes)
+        self.partial_fc = partial_fc
         self.teacher_heads = nn.ModuleDict()
         self.teacher_classifiers = nn.ModuleDict()
         self.universal_classifiers = nn.ModuleDict()
-        for domain, classes in num_classes.items():
+        for i, (domain, classes) in enumerate(num_classes.items()):
             kw = dict(head_kwargs or {})
             if head_name == "dynm_arcface":
                 kw["class_counts"] = class_counts[domain]
             self.teacher_heads[domain] = nn.Linear(embed_dim, teacher_dim)
-            self.teacher_classifiers[domain] = build_margin_head(head_name, teacher_dim, classes, **kw)
-            self.universal_classifiers[domain] = build_margin_head(head_name, universal_dim, classes, **kw)
+            if partial_fc is None:
+                self.teacher_classifiers[domain] = build_margin_head(head_name, teacher_dim, classes, **kw)
+                self.universal_classifiers[domain] = build_margin_head(head_name, universal_dim, classes, **kw)
+            else:
+                self.teacher_classifiers[domain] = PartialFC(head_name, teacher_dim, classes, partial_fc,
+                                                             seed + 2 * i, **kw)
+                self.universal_classifiers[domain] = PartialFC(head_name, universal_dim, classes, partial_fc,
+                                                               seed + 2 * i + 1, **kw)
 
     def domain_parameters(self, domain: str) -> list[nn.Parameter]:
         return [p for m in (self.teacher_heads[domain], self.teacher_classifiers[domain],
                             self.universal_classifiers[domain]) for p in m.parameters()]
 
     def sync_gradients(self, domain: str) -> None:
-        """Average the drawn domain's gradients over ranks (one flat all-reduce)."""
+        """Average the drawn domain's gradients over ranks (one flat all-reduce); Partial FC centres are
+        per-rank shards whose gradients are already exact, so they are left alone."""
         if not distributed.is_enabled():
             return
-        grads = [p.grad for p in self.domain_parameters(domain) if p.grad is not None]
+        sharded = {id(p) for p in sharded_parameters(self)}
+        grads = [p.grad for p in self.domain_parameters(domain) if p.grad is not None and id(p) not in sharded]
+        if not grads:
+            return
         flat = torch.cat([g.reshape(-1) for g in grads])
         distributed.all_reduce_mean(flat)
         offset = 0
@@ -62,9 +83,19 @@ class DomainHeads(nn.Module):
             offset += g.numel()
 
     def memory_report(self) -> dict[str, float]:
-        """MB per domain of weights + AdamW state (x3 in fp32), logged at start-up."""
-        return {d: 3 * sum(p.numel() * p.element_size() for p in self.domain_parameters(d)) / 2**20
-                for d in self.domains}
+        """MB per domain and per rank of weights + AdamW state (x3 in fp32), logged at start-up; Partial FC
+        counts the largest shard (rank 0's) of the centres."""
+        report = {}
+        for d in self.domains:
+            modules = (self.teacher_heads[d], self.teacher_classifiers[d], self.universal_classifiers[d])
+            total = 0.0
+            for m in modules:
+                if isinstance(m, PartialFC):
+                    total += memory_bytes(m.num_classes, m.embed_dim, m.world_size, m.k)["total"]
+                else:
+                    total += 3 * sum(p.numel() * p.element_size() for p in m.parameters())
+            report[d] = total / 2**20
+        return report
 
 
 def udon_embeddings(cls_BD: torch.Tensor, projection: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
