@@ -20,7 +20,7 @@ import sys
 from teachers import CheckpointFormatError, TeacherWeightsError
 from unic import distributed
 from unic.cli import parse
-from unic.config import DEMO_CONFIG, ConfigError, UnicConfig, objectives
+from unic.config import DEMO_CONFIG, ConfigError, UnicConfig, objectives, unifex_enabled
 from unic.data.uned import DataFormatError
 from unic.io import CheckpointWriteError
 
@@ -43,20 +43,24 @@ def parse_args(argv: list[str] | None = None):
 
 
 def run_plan(cfg, world_size: int | None) -> None:
-    """``--plan``: the plan of ``cfg``, reading the train split's size when ``data.root`` is there (else
-    assuming the dataset's known size). Missing teacher files are reported, not fatal."""
+    """``--plan``: the plan of ``cfg``, reading the train split's size (and UniFEx's merged classes) when
+    ``data.root`` is there (else assuming the dataset's known size). Missing teacher files are reported, not
+    fatal."""
     from unic.train.build import check_teacher_weights
     from unic.train.plan import build_plan, format_plan, skipped_features, write_plan
 
     world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
     if world < 1:
         raise ConfigError(f"--world_size (or $WORLD_SIZE) must be >= 1, got {world}")
-    num_images, data_skips = None, []
+    num_images, num_classes, data_skips = None, None, []
     if cfg.data.root and os.path.isdir(os.path.expanduser(cfg.data.root)):
-        from unic.train.build import build_datasets
+        from unic.train.build import build_datasets, domain_classes
 
-        num_images = len(build_datasets(cfg, objectives(cfg)[1], data_skips)[0])
-    plan = build_plan(cfg, world, num_images, skipped=skipped_features(cfg, data_skips))
+        train_set = build_datasets(cfg, objectives(cfg)[1], data_skips)[0]
+        num_images = len(train_set)
+        if unifex_enabled(cfg):  # the size of the merged label space, so that the plan counts the head
+            num_classes = sum(len(c) for c in domain_classes(train_set))
+    plan = build_plan(cfg, world, num_images, skipped=skipped_features(cfg, data_skips), num_classes=num_classes)
     path = os.path.join(os.path.abspath(os.path.expanduser(cfg.run.output_dir)), "plan.json")
     write_plan(plan, path)
     print(format_plan(plan))

@@ -123,3 +123,23 @@ def test_resume_of_checkpoints_from_before_udon_and_without_a_config():
     on = load_config(DEMO_CONFIG)
     assert resume_mismatches(to_plain(on), load_config(DEMO_CONFIG, ["heads.init=normal"])) == []
     assert resume_mismatches(to_plain(on), load_config(DEMO_CONFIG, ["udon.head_lr=1"]))
+
+
+def test_resume_compares_the_unifex_recipe_and_its_head():
+    """A UniFEx run's backbone, neck and margin head shape its model: a change is refused on resume (the heads
+    count although UDON is off); configs from before the recipe existed resume as runs without it."""
+    from unic.config import resume_mismatches, to_plain
+
+    recipe = ["unifex.enabled=true", "unifex.backbone=timm:vit_tiny_patch16_224", "loss.w_distill=0",
+              "udon.enabled=false"]
+    cfg = load_config(DEMO_CONFIG, recipe)
+    assert resume_mismatches(to_plain(cfg), cfg) == []
+    for change, key in ((["unifex.embed_dim=32"], "unifex"), (["heads.name=arcface"], "heads"),
+                        (["optim.optimizer=adam"], "optim.optimizer")):
+        diffs = resume_mismatches(to_plain(cfg), load_config(DEMO_CONFIG, recipe + change))
+        assert diffs and diffs[0].startswith(key), diffs
+    off = load_config(DEMO_CONFIG)
+    saved = to_plain(off)
+    del saved["unifex"], saved["optim"]["optimizer"]  # written before the recipe existed
+    assert resume_mismatches(saved, off) == []
+    assert any(d.startswith("unifex") for d in resume_mismatches(saved, cfg))

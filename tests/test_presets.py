@@ -19,11 +19,24 @@ def preset(name: str, *overrides: str):
     return load_config(os.path.join(CONFIGS, name), ["data.root=/nonexistent", *overrides])
 
 
+PAPER_PRESETS = ("unic_vitb16_in1k.yaml", "unic_l_vitl14.yaml", "udon_uned_vitb16.yaml",
+                 "unifex_m4d35k_siglip_so400m.yaml", "unifex_m4d35k_clip_vitb16.yaml")
+# M4D-35k (UniFEx's README): 34.8k classes, 328.4k images; the plan counts the merged head when told the classes
+M4D35K = {"num_train_images": 328_400, "num_classes": 34_800}
+
+
 @pytest.fixture(scope="module")
 def plans():
-    """The plan of each paper preset on 4 processes (UNIC's and UDON's GPU counts divide the global batch)."""
-    return {name: build_plan(preset(name), world_size=4)
-            for name in ("unic_vitb16_in1k.yaml", "unic_l_vitl14.yaml", "udon_uned_vitb16.yaml")}
+    """The plan of each paper preset on 4 processes (UNIC's, UDON's and UniFEx's GPU counts divide the global
+    batch)."""
+    return {name: build_plan(preset(name), world_size=4, **(M4D35K if name.startswith("unifex") else {}))
+            for name in PAPER_PRESETS}
+
+
+def test_every_packaged_preset_is_tested_for_its_model():
+    from unic.config import packaged_presets
+
+    assert sorted(packaged_presets()) == sorted(["demo", *(name[:-len(".yaml")] for name in PAPER_PRESETS)])
 
 
 def test_unic_vitb16_preset_builds_the_paper_model(plans):
@@ -81,9 +94,28 @@ def test_udon_preset_builds_a_clip_vitb16_at_global_batch_128(plans):
     assert (s["width"], s["depth"], s["patch"]) == (768, 12, 16) and round(s["params"] / 1e6, 1) == 85.8
     assert "ladder" not in plan and plan["teachers"] == {} and plan["udon"]["head"] == "normface"
     assert (plan["schedule"]["global_batch"], plan["schedule"]["batch_per_gpu"]) == (128, 32)
+    cfg = preset("udon_uned_vitb16.yaml")
     with torch.device("meta"):
-        model = build_student("vit_base_patch16_clip_224", 224, 0.0, {})
+        model = build_student(cfg.student.arch, 224, 0.0, dict(cfg.student.kwargs))
     assert model.norm_pre.__class__.__name__ == "LayerNorm"  # CLIP's ln_pre: the CLIP architecture
+    # OpenAI's CLIP weights were trained with QuickGELU (UDON's CLIP ViT too): GELU would change every block
+    assert model.blocks[0].mlp.act.__class__.__name__ == "QuickGELU"
+
+
+def test_unifex_presets_build_a_frozen_backbone_a_64d_neck_and_one_merged_head(plans):
+    """UniFEx's paper model (SigLIP So400m/14 at 384, 428.2M frozen) and its CLIP ViT-B/16 variant (85.8M):
+    a Linear F -> 64 neck and a k = 3 sub-centre ArcFace over M4D-35k's 34.8k merged classes, trained alone."""
+    for name, (dim, size, params) in {"unifex_m4d35k_siglip_so400m.yaml": (1152, 384, 428_225_600),
+                                      "unifex_m4d35k_clip_vitb16.yaml": (768, 224, 85_799_424)}.items():
+        plan = plans[name]
+        u = plan["unifex"]
+        assert (u["feature_dim"], u["img_size"], u["params"], u["trainable_params"]) == (dim, size, params, 0)
+        assert (u["neck"], u["embed_dim"], u["neck_params"]) == ("proj", 64, dim * 64 + 64)
+        assert (u["head"], u["head_params"]) == ("subcenter_arcface", 34_800 * 3 * 64)
+        assert "student" not in plan and "ladder" not in plan and plan["teachers"] == {} and "udon" not in plan
+        sch = plan["schedule"]
+        assert (sch["global_batch"], sch["batch_per_gpu"], sch["lr"], sch["optimizer"]) == (128, 32, 0.02, "adam")
+        assert (sch["steps_per_epoch"], sch["total_steps"]) == (2565, 25_650)
 
 
 def test_plan_text_names_every_figure(plans):

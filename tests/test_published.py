@@ -173,6 +173,16 @@ def test_unic_encoder_matches_dinov2(tmp_path, images):
     torch.testing.assert_close(tokens[:, 0], ref["x_norm_clstoken"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(tokens[:, 1:], ref["x_norm_patchtokens"], atol=1e-5, rtol=1e-5)
 
+    # student.pretrained=unic.pth initialises a training run's student from the released file itself
+    from unic.config import load_config
+    from unic.train.build import build_backbone
+
+    cfg = load_config(None, ["student.arch=vit_base_patch16_224", f"student.img_size={IMG}", "student.drop_path=0",
+                             f"student.kwargs={{patch_size: {PATCH}, embed_dim: {DIM}, depth: {DEPTH}, num_heads: {HEADS}}}",
+                             f"student.pretrained={path}", "data.root=/nonexistent"])
+    with torch.no_grad():
+        torch.testing.assert_close(build_backbone(cfg).eval().forward_features(images), tokens)
+
     # written as a unic-student file, the package's existing readers take it as any export
     export_published(str(path), str(tmp_path / "student.pth"))
     again = load_student(str(tmp_path / "student.pth"))

@@ -52,11 +52,12 @@ class RunConfig:
 class ModelConfig:
     """The encoder an evaluation reads (unic.eval.encoders.load_encoder)."""
 
-    # UNIC checkpoint.pth / student.pth / universal.pth, timm:<model>[.<tag>] or open_clip:<model>:<tag>
+    # UNIC checkpoint.pth / student.pth / universal.pth / unifex.pth, a published UNIC file (unic.pth),
+    # timm:<model>[.<tag>], open_clip:<model>:<tag> or unicom:<name> (Unicom's released ViTs)
     source: Optional[str] = None
     weights: Optional[str] = None  # local weights file of a timm:/open_clip: model (else the hub)
     # auto (universal when the file has one, else backbone), backbone (cls), universal, oracle (each
-    # domain's own teacher head) or domain:<name>
+    # domain's own teacher head), domain:<name> or adaptor:<teacher> (the student's adaptor to that teacher)
     embedding: str = "auto"
 
 
@@ -122,6 +123,9 @@ class HeadsConfig:
     h: Optional[float] = None  # adaface
     alpha: Optional[float] = None  # adaface
     init: Optional[str] = None  # class weights: lecun_uniform (UDON's, the default) | normal (N(0, 0.01), insightface)
+    # Partial FC (unic.models.partial_fc): the sample rate in (0, 1] of classifiers whose class centres are
+    # sharded over ranks (each step: the global batch's classes plus random others); None: replicated heads
+    partial_fc: Optional[float] = None
 
 
 @dataclass(kw_only=True)
@@ -145,8 +149,32 @@ class UdonConfig:
 
 
 @dataclass(kw_only=True)
+class UnifexConfig:
+    """UniFEx (GCPR 2024): a frozen pretrained backbone, a neck to a small descriptor and ONE margin head
+    (``heads.*``) over the merged label space of every domain, trained alone (no teachers, no UDON)."""
+
+    enabled: bool = False
+    backbone: str = ""  # timm:<model>[.<tag>] or open_clip:<arch>[:<tag>]
+    # local weights file (timm state dict, open_clip checkpoint); None: the hub (timm's pretrained weights,
+    # open_clip's <tag>); "random": random weights (debug only)
+    weights: Optional[str] = None
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm constructor arguments (custom sizes)
+    proj_layer: bool = False  # keep the backbone's own projection (open_clip visual.proj; UniFEx: False)
+    img_size: Optional[int] = None  # None: the backbone's native resolution
+    mean: Optional[list[float]] = None  # input normalisation; None: the backbone's own
+    std: Optional[list[float]] = None
+    unfreeze_last_blocks: int = 0  # train the last N blocks and what follows them (0: frozen, UniFEx)
+    layer_decay: float = 1.0  # lr of a trained backbone layer = backbone lr * decay^(layers above it)
+    backbone_lr_scale: float = 1.0  # backbone lr = optim.lr (scaled) * this
+    neck: str = "proj"  # proj: Dropout + Linear (UniFEx's proj_layer) | pool: adaptive average pooling
+    embed_dim: int = 64  # the descriptor's width
+    dropout: float = 0.2  # the proj neck's dropout (UniFEx's NECK.dropout)
+    transform: str = "openai-clip"  # UniFEx's train transform: openai-clip | openclip | siglip | custom
+
+
+@dataclass(kw_only=True)
 class DataConfig(LoaderConfig):
-    dataset: str = "demo"  # a trainable entry of the dataset registry: demo | uned | imagenet
+    dataset: str = "demo"  # a trainable entry of the dataset registry: demo | uned | csv | imagenet
     root: str = "~/.cache/unic/demo"  # demo: generated here on first use
     domains: list[str] = field(default_factory=list)  # uned/demo: domains to use (empty = all)
     train_split: str = "train"
@@ -174,6 +202,7 @@ class OptimConfig:
     # clipped to that norm on its own (UNIC's utils.clip_gradients)
     clip_mode: str = "global"
     scale_lr: bool = True  # lr given for a global batch of 256 and scaled linearly
+    optimizer: str = "adamw"  # adamw (decoupled weight decay) | adam (L2 weight decay, UniFEx's Adam)
 
 
 @dataclass(kw_only=True)
@@ -216,6 +245,7 @@ class UnicConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     udon: UdonConfig = field(default_factory=UdonConfig)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
+    unifex: UnifexConfig = field(default_factory=UnifexConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: TrainRunConfig = field(default_factory=TrainRunConfig)
 
@@ -229,12 +259,14 @@ _CHOICES = {
     "udon.sampling": ("dynamic", "round_robin", "size", "uniform"),
     "ladder.last_tap": ("raw", "normed"),
     "optim.clip_mode": ("global", "per_param"),
+    "optim.optimizer": ("adamw", "adam"),
 }
 
 
 def head_options(cfg: DictConfig) -> dict:
-    """The margin-head keyword arguments the user set (unset ones keep the head's defaults)."""
-    return {k: v for k, v in cfg.heads.items() if k != "name" and v is not None}
+    """The margin-head keyword arguments the user set (unset ones keep the head's defaults); the head's name
+    and its Partial FC sample rate are not arguments of the head."""
+    return {k: v for k, v in cfg.heads.items() if k not in ("name", "partial_fc") and v is not None}
 
 
 def config_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
@@ -331,18 +363,25 @@ def _validate(cfg: DictConfig) -> None:
                 non_negative=["loss.w_distill", "loss.w_udon", "udon.head_lr", "udon.relational_weight",
                               "udon.freeze_backbone_epochs", "udon.head_weight_decay"])
     distill, udon = objectives(cfg)
-    if not distill and not udon:
+    unifex = unifex_enabled(cfg)
+    if unifex:
+        _check_unifex(cfg, distill, udon)
+    elif not distill and not udon:
         raise ConfigError("nothing to train: loss.w_distill is 0 and UDON is off (udon.enabled / loss.w_udon)")
-    if udon:
+    if udon or unifex:
         from unic.models.heads import MARGIN_HEADS, WEIGHT_INITS, head_kwargs
 
-        if cfg.heads.init is not None and cfg.heads.init not in WEIGHT_INITS:
-            raise ConfigError(f"invalid value for 'heads.init': {cfg.heads.init!r}; choose one of {', '.join(WEIGHT_INITS)}")
+        inits = (*WEIGHT_INITS, "xavier_uniform") if unifex else WEIGHT_INITS  # UniFEx's own head init
+        if cfg.heads.init is not None and cfg.heads.init not in inits:
+            raise ConfigError(f"invalid value for 'heads.init': {cfg.heads.init!r}; choose one of {', '.join(inits)}")
 
         if cfg.heads.name not in MARGIN_HEADS:
             raise ConfigError(f"invalid value for 'heads.name': {cfg.heads.name!r}; choose one of {', '.join(MARGIN_HEADS)}")
         if cfg.heads.k is not None and cfg.heads.k < 1:
             raise ConfigError(f"invalid value for 'heads.k': must be >= 1, got {cfg.heads.k}")
+        rate = cfg.heads.partial_fc
+        if rate is not None and not 0.0 < rate <= 1.0:
+            raise ConfigError(f"invalid value for 'heads.partial_fc': a sample rate in (0, 1], got {rate}")
         accepted = set(head_kwargs(cfg.heads.name)) - {"class_counts"}
         for key in head_options(cfg):
             if key not in accepted:
@@ -375,6 +414,39 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"'teachers.weights' names teachers that are not in 'teachers.names': {sorted(unknown)}"
         )
+
+
+def _check_unifex(cfg: DictConfig, distill: bool, udon: bool) -> None:
+    """The UniFEx recipe's settings (``unifex.enabled``)."""
+    if distill or udon:
+        raise ConfigError("the UniFEx recipe (unifex.enabled) trains alone: set loss.w_distill=0 and "
+                          "udon.enabled=false")
+    if not cfg.unifex.backbone:
+        raise ConfigError("unifex.backbone is required: timm:<model>[.<tag>] or open_clip:<arch>[:<tag>]")
+    from unic.data.csv_list import UNIFEX_TRANSFORMS
+    from unic.models.unifex import NECKS, check_backbone_name
+
+    try:
+        check_backbone_name(cfg.unifex.backbone)
+    except ValueError as err:
+        raise ConfigError(f"invalid value for 'unifex.backbone': {err}") from None
+    if cfg.unifex.kwargs and not cfg.unifex.backbone.startswith("timm:"):
+        raise ConfigError("'unifex.kwargs' apply to timm backbones only")
+    check_choices(cfg, {"unifex.neck": NECKS, "unifex.transform": UNIFEX_TRANSFORMS})
+    check_range(cfg, positive=["unifex.embed_dim", "unifex.img_size"],
+                non_negative=["unifex.unfreeze_last_blocks", "unifex.backbone_lr_scale"])
+    if not 0.0 <= cfg.unifex.dropout < 1.0:
+        raise ConfigError(f"invalid value for 'unifex.dropout': must be in [0, 1), got {cfg.unifex.dropout}")
+    if not 0.0 < cfg.unifex.layer_decay <= 1.0:
+        raise ConfigError(f"invalid value for 'unifex.layer_decay': must be in (0, 1], got {cfg.unifex.layer_decay}")
+    for key in ("unifex.mean", "unifex.std"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and (len(value) != 3 or (key == "unifex.std" and min(value) <= 0)):
+            raise ConfigError(f"invalid value for '{key}': expected three numbers{' > 0' if key == 'unifex.std' else ''}"
+                              f" (or null: the backbone's own), got {list(value)}")
+    if cfg.unifex.neck == "pool" and cfg.unifex.unfreeze_last_blocks == 0:
+        raise ConfigError("unifex.neck=pool has no parameters: with a frozen backbone nothing the descriptor uses "
+                          "is trained; set unifex.unfreeze_last_blocks > 0 or unifex.neck=proj")
 
 
 def _free_dicts(cfg: DictConfig, prefix: str = "") -> list[str]:
@@ -418,6 +490,12 @@ def objectives(cfg: DictConfig) -> tuple[bool, bool]:
     return cfg.loss.w_distill > 0, bool(cfg.udon.enabled and cfg.loss.w_udon > 0)
 
 
+def unifex_enabled(cfg: DictConfig) -> bool:
+    """The UniFEx recipe (frozen backbone, neck, one margin head over the merged labels) is the objective;
+    configs without the group (older checkpoints) predate it."""
+    return bool(OmegaConf.select(cfg, "unifex.enabled", default=False))
+
+
 def final_norm_frozen(cfg: DictConfig) -> bool:
     """UNIC's raw last tap leaves the student's final norm out of training, unless the UDON heads use it."""
     distill, udon = objectives(cfg)
@@ -431,6 +509,8 @@ def derived_schedule(cfg: DictConfig, global_batch: int, steps_per_epoch: int) -
     backbone_lr = lr
     if udon and cfg.udon.backbone_lr_scale is not None:
         backbone_lr = cfg.udon.head_lr * cfg.udon.backbone_lr_scale
+    if unifex_enabled(cfg):  # neck and head at lr; the trained blocks (if any) at lr * scale (* layer decay)
+        backbone_lr = lr * cfg.unifex.backbone_lr_scale
     total = cfg.optim.epochs * steps_per_epoch
     return {
         "lr": lr, "backbone_lr": backbone_lr, "head_lr": cfg.udon.head_lr if udon else None,
@@ -497,8 +577,8 @@ def to_plain(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-RESUME_KEYS = ("student", "ladder", "teachers.names", "udon", "heads", "loss.w_distill", "loss.w_udon",
-               "data.dataset", "data.domains", "optim.epochs", "run.seed")
+RESUME_KEYS = ("student", "ladder", "teachers.names", "udon", "heads", "unifex", "loss.w_distill", "loss.w_udon",
+               "data.dataset", "data.domains", "optim.epochs", "optim.optimizer", "run.seed")
 # settings that moved: (old path, new path), applied to the configs of older checkpoints
 MOVED_KEYS = tuple((f"train.{key}", f"run.{key}") for key in ("output_dir", "seed", "device", "precision"))
 RESUME_IGNORED = ("heads.init",)  # inside RESUME_KEYS, but replaced by the checkpoint's state on resume
@@ -544,9 +624,12 @@ def resume_mismatches(saved: dict, cfg: DictConfig, saved_world: int | None = No
                 config = config.get(key) or {}
             config.pop(leaf, None)
     saved_cfg, cfg = OmegaConf.create(saved), OmegaConf.create(current)
-    udon_settings = ("udon", "heads", "loss.w_udon")
-    keys = RESUME_KEYS if objectives(saved_cfg)[1] or objectives(cfg)[1] else \
-        [k for k in RESUME_KEYS if k not in udon_settings]  # UDON off in both: its settings play no part
+    udon = objectives(saved_cfg)[1] or objectives(cfg)[1]
+    unifex = unifex_enabled(saved_cfg) or unifex_enabled(cfg)
+    # the settings of an objective off in both play no part (the margin heads serve UDON and UniFEx)
+    unused = ({"udon", "loss.w_udon"} if not udon else set()) | ({"unifex"} if not unifex else set()) \
+        | ({"heads"} if not (udon or unifex) else set())
+    keys = [k for k in RESUME_KEYS if k not in unused]
     diffs = []
     for key in keys:
         old, new = OmegaConf.select(saved_cfg, key), OmegaConf.select(cfg, key)

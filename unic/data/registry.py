@@ -7,8 +7,10 @@ segmentation classes, the official counts). The builder of a kind is one functio
 
 - ``uned`` (``root/info_files/<domain>/<split>.json`` + ``root/images``), ``folder`` and ``imagenet``:
   ``unic.eval.retrieval.image_sets(spec, root, split, transform, task, domains, pairs, name)`` for
-  evaluation; training (``trainable`` entries) reads ``uned`` and ``imagenet`` through
+  evaluation; training (``trainable`` entries) reads ``uned``, ``imagenet`` and ``csv`` through
   ``unic.train.build.build_datasets``;
+- ``csv`` (``root/<split>.csv``, UniFEx's image lists): ``unic.data.csv_list.csv_dataset(root, split,
+  domains, transform)``, training only;
 - ``transfer``: ``reader(name, root, split, options) -> unic.data.transfer.TransferSplit``, the entry's
   ``builder`` (``"module:function"``, imported when used);
 - ``ade20k``: ``unic.eval.semseg.ADE20KDataset(root, split, transform)``.
@@ -26,11 +28,13 @@ import importlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-KINDS = ("uned", "folder", "imagenet", "transfer", "ade20k")
+KINDS = ("uned", "folder", "imagenet", "csv", "transfer", "ade20k")
 PROTOCOLS = ("retrieval", "knn", "transfer", "segmentation")
 
 _UNED_LAYOUT = "root/info_files/<domain>/<split>.json and the images they list under root/images"
 _COG_FILES = "cog_levels_mapping_file.pkl and cog_concepts_split_file.pkl"
+_CSV_LAYOUT = ("root/<split>.csv with a header img_path,label[,domain] (UniFEx's m4d-35k_train.csv), the image "
+               "paths relative to root")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +79,8 @@ _ENTRIES: list[DatasetSpec] = [
     # --- ImageNet layout: distillation and weighted kNN (val queries, train bank)
     DatasetSpec("imagenet", "imagenet", "knn", "root/train/<class>/<image> and root/val/<class>/<image>",
                 ("val", "train"), {"crop_ratio": 0.875, "bank_split": "train", "name": "imagenet"}, trainable=True),
+    # --- image lists in CSV files: training (UniFEx's M4D-35k: data.train_split=m4d-35k_train)
+    DatasetSpec("csv", "csv", "retrieval", _CSV_LAYOUT, ("train", "val"), {"crop_ratio": 1.0}, trainable=True),
     # --- the t-ReX transfer suite (unic.data.transfer reads each official layout)
     _transfer("imagefolder", "D/train/<class>/<image> and D/test/<class>/<image>: trainval = D/trainval, or "
               "D/train (+ D/val when D/test exists); test = D/test, or D/val", "read_imagefolder", None),

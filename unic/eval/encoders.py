@@ -126,12 +126,19 @@ def load_domain_encoders(path: str, domains: Sequence[str], device: str | torch.
 
 
 def _from_unic_file(path: str, embedding: str) -> Encoder:
-    """The descriptor ``embedding`` of a UNIC file (the file formats: :mod:`unic.models.export`)."""
-    from unic.models.export import load_unic_file
+    """The descriptor ``embedding`` of a UNIC file (the file formats: :mod:`unic.models.export`; UniFEx's:
+    :mod:`unic.models.unifex`), read once."""
+    from unic.models.export import backbone_from_checkpoint, udon_heads
+    from unic.models.published import open_checkpoint
+    from unic.models.unifex import is_unifex, load_unifex
 
+    ckpt = open_checkpoint(path)
+    if is_unifex(ckpt):  # UniFEx: the descriptor is the neck's output (or the frozen backbone's feature)
+        model, img_size, mean, std = load_unifex(ckpt, embedding)
+        return Encoder(model, model.descriptor, img_size, mean, std, name=f"{path}:{model.descriptor}")
     if embedding.startswith("adaptor:"):
-        return _from_adaptor(path, embedding)
-    backbone, universal, heads = load_unic_file(path)
+        return _from_adaptor(ckpt, path, embedding)
+    backbone, (universal, heads) = backbone_from_checkpoint(ckpt, path), udon_heads(ckpt)
     if embedding == "auto":
         embedding = "universal" if universal is not None else "backbone"
     head = None
@@ -151,12 +158,11 @@ def _from_unic_file(path: str, embedding: str) -> Encoder:
                    backbone.pretrained_cfg["std"], head=head, name=f"{path}:{embedding}")
 
 
-def _from_adaptor(path: str, embedding: str) -> Encoder:
-    """The student's adaptor to one teacher (``adaptor:<teacher>``) of a UNIC file."""
-    from unic.models.published import open_checkpoint
+def _from_adaptor(ckpt: dict, path: str, embedding: str) -> Encoder:
+    """The student's adaptor to one teacher (``adaptor:<teacher>``) of a loaded UNIC file."""
     from unic.models.adaptor import adaptor_from_checkpoint
 
-    adaptor = adaptor_from_checkpoint(open_checkpoint(path), embedding[len("adaptor:"):], path)
+    adaptor = adaptor_from_checkpoint(ckpt, embedding[len("adaptor:"):], path)
     return Encoder(adaptor.backbone, embedding, adaptor.img_size, adaptor.mean, adaptor.std, name=f"{path}:{embedding}",
                    adaptor=adaptor)
 

@@ -2,9 +2,10 @@
 
 :class:`unic.train.loop.Trainer` calls them in this order (the order fixes which random draws initialise
 which weights): :func:`build_datasets`, :func:`build_model` (teachers, backbone, ladder, UDON heads and their
-label tables), :func:`build_batches`, :func:`build_schedules`, :func:`build_optimizer`, :func:`build_task`.
+label tables; or, for the UniFEx recipe, the pretrained backbone, neck and merged margin head),
+:func:`build_batches`, :func:`build_schedules`, :func:`build_optimizer`, :func:`build_task`.
 The preflight plan (:mod:`unic.train.plan`) builds its models with the same :func:`build_teachers`,
-:func:`build_backbone` and :func:`build_ladder` on the meta device.
+:func:`build_backbone`, :func:`build_ladder` and :func:`build_unifex` on the meta device.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from unic import distributed
-from unic.config import ConfigError, derived_schedule, final_norm_frozen, head_options, objectives
+from unic.config import ConfigError, derived_schedule, final_norm_frozen, head_options, objectives, unifex_enabled
 from unic.data.folders import ImageListDataset
 from unic.models.ladder import Ladder, UnicModel
 from unic.models.universal import DomainHeads
@@ -28,7 +29,7 @@ from unic.train.standardize import TeacherStandardizer
 # ------------------------------------------------------------------------------------------------ data
 # the data.root the presets ship with: a placeholder the user replaces
 PLACEHOLDER_ROOT = "/path/to/"
-DATASET_TITLES = {"imagenet": "ImageNet", "uned": "UnED", "demo": "demo"}
+DATASET_TITLES = {"imagenet": "ImageNet", "uned": "UnED", "demo": "demo", "csv": "CSV image-list"}
 
 
 def check_data_root(cfg: DictConfig, root: str) -> None:
@@ -42,32 +43,51 @@ def check_data_root(cfg: DictConfig, root: str) -> None:
     raise ConfigError(f"data.root not found: {root}")
 
 
+def input_spec(cfg: DictConfig) -> tuple[int, tuple, tuple]:
+    """(resolution, mean, std) the model reads: the student's, or the UniFEx backbone's (its own unless
+    ``unifex.img_size`` / ``mean`` / ``std`` say otherwise)."""
+    if not unifex_enabled(cfg):
+        return cfg.student.img_size, tuple(cfg.student.mean), tuple(cfg.student.std)
+    from unic.models.unifex import backbone_input
+
+    size, mean, std = backbone_input(cfg.unifex.backbone, dict(cfg.unifex.kwargs))
+    u = cfg.unifex
+    return (u.img_size or size, tuple(u.mean) if u.mean is not None else mean,
+            tuple(u.std) if u.std is not None else std)
+
+
 def build_datasets(cfg: DictConfig, udon: bool, skipped: list[dict] | None = None
                    ) -> tuple[ImageListDataset, ImageListDataset | None, ImageListDataset | None]:
     """Train set, val set and kNN bank (eval transforms) of the registry entry ``data.dataset``.
 
-    Generic distillation uses the UNIC augmentations, UDON its own crops; UnED-layout data (kind ``uned``)
-    is evaluated with the UnED resize (short side, centre crop), ImageNet (kind ``imagenet``) with the entry's
-    centre crop (0.875). Without a val split there is no val set nor kNN bank; with ``train.validate`` on,
-    ``skipped`` (when given) receives ``{"feature", "reason"}`` saying so.
+    Generic distillation uses the UNIC augmentations, UDON its own crops, the UniFEx recipe
+    ``unifex.transform``; UnED-layout data (kind ``uned``) is evaluated with the UnED resize (short side,
+    centre crop), ImageNet (kind ``imagenet``) and CSV lists (kind ``csv``) with the entry's centre crop.
+    Without a val split there is no val set nor kNN bank; with ``train.validate`` on, ``skipped`` (when
+    given) receives ``{"feature", "reason"}`` saying so.
     """
+    from unic.data.csv_list import csv_dataset, unifex_train_transform
     from unic.data.demo import ensure_demo_data
     from unic.data.folders import image_folder_dataset
     from unic.data.registry import dataset_names, get_dataset
     from unic.data.transforms import eval_transform, udon_train_transform, uned_eval_transform, unic_train_transform
     from unic.data.uned import uned_dataset
 
-    data, size = cfg.data, cfg.student.img_size
+    data = cfg.data
     try:
         spec = get_dataset(data.dataset, what="data.dataset")
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if not spec.trainable or spec.kind not in ("uned", "imagenet"):
+    if not spec.trainable or spec.kind not in ("uned", "imagenet", "csv"):
         raise ConfigError(f"data.dataset={spec.name} cannot be trained on (trainable: "
                           f"{', '.join(dataset_names(trainable=True))})")
-    norm = {"mean": tuple(cfg.student.mean), "std": tuple(cfg.student.std)}
-    train_tf = udon_train_transform(size, **norm) if udon else unic_train_transform(size, **norm)
-    if spec.kind == "imagenet":
+    size, mean, std = input_spec(cfg)
+    norm = {"mean": mean, "std": std}
+    if unifex_enabled(cfg):
+        train_tf = unifex_train_transform(cfg.unifex.transform, size, **norm)
+    else:
+        train_tf = udon_train_transform(size, **norm) if udon else unic_train_transform(size, **norm)
+    if spec.kind in ("imagenet", "csv"):
         val_tf = eval_transform(size, crop_ratio=spec.defaults["crop_ratio"], **norm)
     else:
         val_tf = uned_eval_transform(size, **norm)
@@ -86,6 +106,12 @@ def build_datasets(cfg: DictConfig, udon: bool, skipped: list[dict] | None = Non
         val_dir = os.path.join(root, data.val_split)
         val = image_folder_dataset(val_dir, val_tf) if os.path.isdir(val_dir) else None
         missing = None if val is not None else f"no val split: {val_dir} not found (data.val_split={data.val_split})"
+    elif spec.kind == "csv":
+        train = csv_dataset(root, data.train_split, data.domains or None, train_tf)
+        try:
+            val = csv_dataset(root, data.val_split, train.domain_names, val_tf)
+        except FileNotFoundError as err:
+            val, missing = None, f"no val split: {err}"
     else:
         train = uned_dataset(root, data.train_split, data.domains or None, train_tf)
         try:
@@ -120,6 +146,10 @@ def check_teacher_weights(cfg: DictConfig) -> None:
     if objectives(cfg)[0]:
         sources = teacher_weights(cfg)
         check_weights(list(sources), sources, cfg.teachers.weights_dir)
+    weights = cfg.unifex.weights if unifex_enabled(cfg) else None
+    if weights not in (None, "random") and not os.path.isfile(os.path.expanduser(weights)):
+        raise ConfigError(f"unifex.weights not found: {weights} (a local {cfg.unifex.backbone} weights file; "
+                          "leave it unset for the hub)")
 
 
 def build_teachers(cfg: DictConfig, weights: str | None = None) -> nn.ModuleDict:
@@ -139,10 +169,10 @@ def build_backbone(cfg: DictConfig, load_pretrained: bool = True) -> nn.Module:
     backbone = build_student(cfg.student.arch, cfg.student.img_size, cfg.student.drop_path, dict(cfg.student.kwargs))
     if load_pretrained and cfg.student.pretrained:
         from teachers.convert import load_into
-        from unic.io import load_checkpoint
         from unic.models.export import backbone_state_dict
+        from unic.models.published import open_checkpoint
 
-        state = load_checkpoint(cfg.student.pretrained)
+        state = open_checkpoint(cfg.student.pretrained)  # ours, a timm file, or a published UNIC checkpoint
         load_into(backbone, backbone_state_dict(state), "timm", cfg.student.pretrained)
     if final_norm_frozen(cfg):
         # UNIC: the ladder reads the raw last block, so the final norm takes no part in training and keeps
@@ -189,7 +219,8 @@ def build_domain_heads(cfg: DictConfig, embed_dim: int, train_set: ImageListData
         counts[domains[d]][position[d][int(labels[0])]] += 1
     try:
         return DomainHeads(embed_dim, {d: len(c) for d, c in zip(domains, classes)}, cfg.udon.teacher_dim,
-                           cfg.udon.universal_dim, cfg.heads.name, head_options(cfg), counts)
+                           cfg.udon.universal_dim, cfg.heads.name, head_options(cfg), counts,
+                           partial_fc=cfg.heads.partial_fc, seed=cfg.run.seed)
     except ValueError as err:  # e.g. AdaCos needs >= 3 classes per domain
         raise ConfigError(f"heads.name={cfg.heads.name}: {err}") from None
 
@@ -198,19 +229,56 @@ def build_domain_heads(cfg: DictConfig, embed_dim: int, train_set: ImageListData
 class ModelParts:
     """What :func:`build_model` assembles: the trainable ``model`` (the only part DDP wraps) and the rest."""
 
-    model: UnicModel  # backbone, ladder (UNIC), universal projection (UDON)
+    model: nn.Module  # UnicModel: backbone, ladder (UNIC), universal projection (UDON); or UnifexModel
     teachers: nn.ModuleDict | None  # frozen, outside DDP
     standardizer: TeacherStandardizer | None  # running teacher statistics (UNIC)
     domain_heads: DomainHeads | None  # per-domain heads, gradients averaged by hand (UDON)
     label_maps: list[torch.Tensor] | None  # per domain, raw class id -> classifier row (UDON)
+    unifex_head: nn.Module | None = None  # UniFEx: the margin head over the merged labels, outside DDP
+    merged_labels: object | None = None  # UniFEx: unic.models.unifex.MergedLabels, (domain, label) -> row
 
     @property
     def patch_size(self) -> int:
         return self.model.backbone.patch_embed.patch_size[0]
 
 
+def build_unifex(cfg: DictConfig, load_weights: bool = True):
+    """The UniFEx backbone (weights loaded, frozen but for ``unifex.unfreeze_last_blocks``) and neck."""
+    from unic.models.unifex import build_unifex_model
+
+    u = cfg.unifex
+    _, mean, std = input_spec(cfg)
+    try:
+        return build_unifex_model(u.backbone, u.weights if load_weights else "random", dict(u.kwargs), u.proj_layer,
+                                  u.img_size, u.neck, u.embed_dim, u.dropout, u.unfreeze_last_blocks, mean, std)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def build_unifex_parts(cfg: DictConfig, train_set: ImageListDataset, device: torch.device) -> ModelParts:
+    """UniFEx: backbone + neck (DDP-wrapped) and one margin head over the merged label space of the train
+    split's domains (outside DDP: replicated with its gradients averaged by hand, or Partial FC with its
+    centres sharded, ``heads.partial_fc``), initialised in that order."""
+    from unic.models.unifex import MergedLabels, build_unifex_head
+
+    model = build_unifex(cfg).to(device)
+    merged = MergedLabels(domain_classes(train_set))
+    try:
+        head = build_unifex_head(cfg.heads.name, cfg.unifex.embed_dim, merged.num_classes, head_options(cfg),
+                                 merged.class_counts(train_set.samples), cfg.heads.partial_fc, cfg.run.seed)
+    except ValueError as err:
+        raise ConfigError(f"heads.name={cfg.heads.name}: {err}") from None
+    return ModelParts(model, None, None, None, None, unifex_head=head.to(device), merged_labels=merged.to(device))
+
+
 def build_model(cfg: DictConfig, train_set: ImageListDataset, device: torch.device) -> ModelParts:
-    """Teachers, student backbone, ladder and UDON heads on ``device``, initialised in that order."""
+    """Teachers, student backbone, ladder and UDON heads on ``device``, initialised in that order (the UniFEx
+    recipe: :func:`build_unifex_parts`)."""
+    if unifex_enabled(cfg):
+        parts = build_unifex_parts(cfg, train_set, device)
+        if cfg.train.compile and compile_unavailable(cfg, device) is None:
+            parts.model.compile()
+        return parts
     distill, udon = objectives(cfg)
     teachers = build_teachers(cfg) if distill else None  # to the device once every input is validated
     backbone = build_backbone(cfg)
@@ -292,7 +360,7 @@ class Schedules:
         """(lr, weight decay) per group tag at ``step``, for :func:`unic.train.optim.apply_schedules`."""
         wd = float(self.weight_decay[step])
         return {"backbone": (float(self.lr["backbone"][step]), wd), "unic": (float(self.lr["unic"][step]), wd),
-                "udon": (cfg.udon.head_lr, cfg.udon.head_weight_decay)}
+                "udon": (cfg.udon.head_lr, cfg.udon.head_weight_decay), "unifex": (float(self.lr["unic"][step]), wd)}
 
 
 def build_schedules(cfg: DictConfig, global_batch: int, steps_per_epoch: int) -> Schedules:
@@ -308,26 +376,38 @@ def build_schedules(cfg: DictConfig, global_batch: int, steps_per_epoch: int) ->
     )
 
 
-def build_optimizer(cfg: DictConfig, parts: ModelParts, schedules: Schedules) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters, one tagged pair of groups (decay / no decay) per schedule."""
-    from unic.train.optim import param_groups
+def build_optimizer(cfg: DictConfig, parts: ModelParts, schedules: Schedules) -> torch.optim.Optimizer:
+    """AdamW (or Adam, ``optim.optimizer``) over the trainable parameters, one tagged pair of groups (decay /
+    no decay) per schedule; UniFEx's trained backbone layers in groups of their layer-decay lr scale; Partial
+    FC's sharded class centres in groups of their own (``sharded``: per-rank state, checkpointed apart)."""
+    from unic.models.partial_fc import sharded_parameters
+    from unic.train.optim import layer_decay_groups, param_groups, separate_sharded
 
     model = parts.model
+    optimizer = torch.optim.Adam if cfg.optim.optimizer == "adam" else torch.optim.AdamW
+    sharded = [p for m in (parts.domain_heads, parts.unifex_head) if m is not None for p in sharded_parameters(m)]
+    if parts.unifex_head is not None:
+        wd = cfg.optim.weight_decay
+        groups = layer_decay_groups(model.backbone, wd, "backbone", cfg.unifex.layer_decay)
+        groups += param_groups(model.neck, wd, "unifex") + param_groups(parts.unifex_head, wd, "unifex")
+        return optimizer(separate_sharded(groups, sharded), lr=schedules.peak_lr, betas=tuple(cfg.optim.betas))
     groups = param_groups(model.backbone, cfg.optim.weight_decay, "backbone")
     if model.ladder is not None:
         groups += param_groups(model.ladder, cfg.optim.weight_decay, "unic")
     if parts.domain_heads is not None:
         groups += param_groups(model.udon, cfg.udon.head_weight_decay, "udon")
         groups += param_groups(parts.domain_heads, cfg.udon.head_weight_decay, "udon")
-    return torch.optim.AdamW(groups, lr=schedules.peak_lr, betas=tuple(cfg.optim.betas))
+    return optimizer(separate_sharded(groups, sharded), lr=schedules.peak_lr, betas=tuple(cfg.optim.betas))
 
 
 def build_task(cfg: DictConfig, parts: ModelParts, trained: nn.Module, total_steps: int, device: torch.device):
     """The method's math (:class:`unic.train.task.UnicTask`) over the (DDP-wrapped) ``trained`` model, with
     its own teacher-dropping generator, the same on every rank."""
-    from unic.train.task import UnicTask
+    from unic.train.task import UnicTask, UnifexTask
 
     generator = torch.Generator(device=device).manual_seed(cfg.run.seed + 1)
+    if parts.unifex_head is not None:
+        return UnifexTask(trained, parts.unifex_head, generator)
     return UnicTask(
         trained, total_steps, parts.teachers, parts.standardizer, parts.domain_heads, parts.patch_size,
         torch.tensor(list(cfg.student.mean), device=device), torch.tensor(list(cfg.student.std), device=device),

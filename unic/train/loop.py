@@ -17,9 +17,12 @@ from omegaconf import DictConfig
 
 from unic import distributed
 from unic.cli import write_resolved_config
-from unic.config import ConfigError, derived_schedule, objectives, resolve_batch, resume_mismatches, to_plain
+from unic.config import (ConfigError, derived_schedule, objectives, resolve_batch, resume_mismatches, to_plain,
+                         unifex_enabled)
 from unic.io import CheckpointFormatError, CheckpointWriteError, load_checkpoint, save_checkpoint, write_json
 from unic.models.export import FORMAT_VERSION, TRAIN_FORMAT, student_export, universal_export
+from unic.models.partial_fc import full_state, load_full_state, optimizer_state_dict, sharded_parameters
+from unic.models.unifex import average_gradients
 from unic.train import checkpoint as ckpt_lib
 from unic.train import provenance, report
 from unic.train.build import (build_batches, build_datasets, build_model, build_optimizer, build_schedules,
@@ -30,6 +33,8 @@ from unic.train.plan import skipped_features
 from unic.train.validate import Validator
 
 logger = logging.getLogger(__name__)
+
+UNIFEX_HEAD = "unifex.head."  # the UniFEx margin head's prefix in a training checkpoint's model state
 
 
 # what the stop flag of the step's all-reduce carries: the signal that asked the run to stop
@@ -82,6 +87,7 @@ class Trainer:
             logger.warning("%s autocast on CPU is slow; fp32 is the CPU default", self.precision)
         ckpt_lib.seed_everything(cfg.run.seed)
         self.distill, self.udon = objectives(cfg)
+        self.unifex = unifex_enabled(cfg)
 
         # everything that can fail on user input is checked before the output folder exists
         data_skips: list[dict] = []
@@ -96,6 +102,12 @@ class Trainer:
         check_teacher_weights(cfg)  # every missing teacher file in one error, before any model is built
         self.parts = build_model(cfg, self.train_set, self.device)
         self.model, self.domain_heads = self.parts.model, self.parts.domain_heads
+        self.unifex_head = self.parts.unifex_head  # UniFEx: outside DDP, gradients averaged by hand
+        # the heads that may hold Partial FC classifiers (heads.partial_fc), under the names their sharded
+        # centres are checkpointed by (full_state / load_full_state, collective)
+        self.heads = torch.nn.ModuleDict({name: m for name, m in (("udon", self.domain_heads),
+                                                                  ("unifex", self.unifex_head)) if m is not None})
+        self.sharded = sharded_parameters(self.heads)  # per-rank shards: never all-reduced
         self.domains = list(self.train_set.domain_names)
         # a different RNG stream per rank from here on (stochastic depth), identical weights above
         torch.manual_seed(cfg.run.seed + 1000 * self.rank)
@@ -130,7 +142,7 @@ class Trainer:
         self.validator = Validator(
             cfg, self.parts, self.task, val_set, knn_bank, self.steps_per_epoch, self.batch_per_gpu, self.device,
             distributed.AUTOCAST_DTYPES[self.precision], self.metrics,
-            [self.ddp_model, self.parts.standardizer, self.domain_heads])
+            [self.ddp_model, self.parts.standardizer, self.domain_heads, self.unifex_head])
         self._log_setup()
 
     @property
@@ -205,7 +217,8 @@ class Trainer:
         what the plan cannot know before the data is read: the UDON heads' sizes."""
         from unic.train.plan import build_plan, format_plan, write_plan
 
-        self.plan = build_plan(self.cfg, self.world, len(self.train_set), self.device, self.skipped)
+        num_classes = self.parts.merged_labels.num_classes if self.unifex else None
+        self.plan = build_plan(self.cfg, self.world, len(self.train_set), self.device, self.skipped, num_classes)
         if self.rank == 0:
             for line in format_plan(self.plan).splitlines():
                 logger.info("plan: %s", line)
@@ -234,10 +247,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def model_state(self) -> dict:
-        """Trainable state under one key space: backbone.*, ladder.*, udon.* (universal and domain heads)."""
+        """Trainable state under one key space: backbone.*, ladder.*, udon.* (universal and domain heads);
+        UniFEx: backbone.model.* (frozen weights included), neck.*, unifex.head.*."""
         state = dict(self.model.state_dict())
         if self.domain_heads is not None:
             state.update({f"udon.{k}": v for k, v in self.domain_heads.state_dict().items()})
+        if self.unifex_head is not None:
+            state.update({f"{UNIFEX_HEAD}{k}": v for k, v in self.unifex_head.state_dict().items()})
         return state
 
     def state_dict(self) -> dict:
@@ -248,7 +264,9 @@ class Trainer:
             "version": FORMAT_VERSION,
             "step": self.step,
             "model": self.model_state(),
-            "optimizer": self.optimizer.state_dict(),
+            # sharded centres and their optimizer state gathered in class order (loads on any world size)
+            "optimizer": optimizer_state_dict(self.optimizer, self.heads),
+            "partial_fc": full_state(self.heads, self.optimizer),
             "scaler": self.scaler.state_dict(),
             "standardizer": self.parts.standardizer.state_dict() if self.parts.standardizer is not None else {},
             "generator": self.task.generator.get_state(),
@@ -310,13 +328,18 @@ class Trainer:
 
     def load(self, state: dict, path: str) -> None:
         model = state["model"]
-        heads_prefix = ("udon.teacher_heads.", "udon.teacher_classifiers.", "udon.universal_classifiers.")
+        heads_prefix = ("udon.teacher_heads.", "udon.teacher_classifiers.", "udon.universal_classifiers.",
+                        UNIFEX_HEAD)
         try:
             self.model.load_state_dict({k: v for k, v in model.items() if not k.startswith(heads_prefix)})
             if self.domain_heads is not None:
                 self.domain_heads.load_state_dict(
-                    {k[len("udon."):]: v for k, v in model.items() if k.startswith(heads_prefix)})
+                    {k[len("udon."):]: v for k, v in model.items() if k.startswith(heads_prefix[:3])})
+            if self.unifex_head is not None:
+                self.unifex_head.load_state_dict(
+                    {k[len(UNIFEX_HEAD):]: v for k, v in model.items() if k.startswith(UNIFEX_HEAD)})
             self.optimizer.load_state_dict(state["optimizer"])
+            load_full_state(self.heads, self.optimizer, state.get("partial_fc") or {})
         except (RuntimeError, ValueError, KeyError) as err:
             raise CheckpointFormatError(
                 f"cannot resume from {path}: it was written by a different model or configuration "
@@ -338,15 +361,26 @@ class Trainer:
         logger.info("resumed from %s at step %d", path, self.step)
 
     def export(self) -> list[str]:
-        """``student.pth`` (plain timm backbone) and, with UDON, ``universal.pth`` (backbone + heads)."""
+        """``student.pth`` (plain timm backbone, plus the adaptors when distilling) and, with UDON,
+        ``universal.pth`` (backbone + heads, and the adaptors); UniFEx:
+        ``unifex.pth`` (backbone, neck and input settings, :mod:`unic.models.unifex`)."""
+        if self.unifex:
+            from unic.models.unifex import unifex_export
+
+            path = os.path.join(self.output_dir, "unifex.pth")
+            if self.rank == 0:
+                save_checkpoint(unifex_export(self.model, self.domains, self.parts.merged_labels.num_classes), path)
+            return [path]
         paths = [os.path.join(self.output_dir, "student.pth")]
         if self.rank == 0:
-            save_checkpoint(student_export(self.model.backbone, self.cfg), paths[0])
+            save_checkpoint(student_export(self.model.backbone, self.cfg, self.model.ladder, self.parts.standardizer),
+                            paths[0])
         if self.udon:
             paths.append(os.path.join(self.output_dir, "universal.pth"))
             if self.rank == 0:
                 save_checkpoint(universal_export(self.model.backbone, self.cfg, self.model.udon.universal,
-                                                 self.domain_heads.teacher_heads, self.domains), paths[1])
+                                                 self.domain_heads.teacher_heads, self.domains, self.model.ladder,
+                                                 self.parts.standardizer), paths[1])
         return paths
 
     # ------------------------------------------------------------------ loop
@@ -356,7 +390,7 @@ class Trainer:
 
     def _stateful_buffers(self, domain_name: str | None) -> list[torch.Tensor]:
         """Buffers a forward pass updates (teacher statistics, stateful margin heads)."""
-        modules = [self.parts.standardizer]
+        modules = [self.parts.standardizer, self.unifex_head]
         if domain_name is not None:
             modules += [self.domain_heads.teacher_classifiers[domain_name],
                         self.domain_heads.universal_classifiers[domain_name]]
@@ -370,7 +404,7 @@ class Trainer:
         cfg, step = self.cfg, self.step
         apply_schedules(self.optimizer, self.schedules.values(cfg, step))
         self.ddp_model.train()
-        for module in (self.parts.standardizer, self.domain_heads):
+        for module in (self.parts.standardizer, self.domain_heads, self.unifex_head):
             if module is not None:
                 module.train()
         name = None
@@ -384,12 +418,15 @@ class Trainer:
         self.scaler.scale(out["loss"]).backward()
         if name is not None:
             self.domain_heads.sync_gradients(name)
+        if self.unifex_head is not None:
+            shards = {id(p) for p in self.sharded}
+            average_gradients([p for p in self.unifex_head.parameters() if id(p) not in shards])
         if step < self.schedules.freeze_steps:  # frozen backbone: no update and no optimizer state
             for p in self.model.backbone.parameters():
                 p.grad = None
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        out["grad_norm"] = clip_gradients(params, cfg.optim.clip_grad, cfg.optim.clip_mode)
+        out["grad_norm"] = clip_gradients(params, cfg.optim.clip_grad, cfg.optim.clip_mode, self.sharded)
         bad = ~torch.isfinite(out["loss"].detach())
         if not self.scaler.is_enabled():  # with fp16 the scaler itself skips steps with inf gradients
             bad |= ~torch.isfinite(out["grad_norm"])
@@ -455,6 +492,9 @@ class Trainer:
                 distributed.heartbeat(self.step)  # a rank stuck before this point is named as behind
                 images = batch["image"].to(self.device, non_blocking=True)
                 labels = batch["label"].to(self.device, non_blocking=True) if domain is not None else None
+                if self.unifex:  # (domain, raw label) of every image -> its row of the merged label space
+                    labels = self.parts.merged_labels(batch["domain"].to(self.device, non_blocking=True),
+                                                      batch["label"].to(self.device, non_blocking=True))
                 measure = (self.step + 1) % cfg.train.log_every == 0
                 out = self.train_step(images, domain, labels)
                 skipped = int(batch["skipped"].sum())  # a CPU tensor: no device sync
@@ -536,7 +576,8 @@ class Trainer:
         distributed.all_reduce_mean(packed)
         metrics = dict(zip(keys, packed.tolist()))
         metrics["grad_norm"] = float(sums["grad_norm"]) / counts["grad_norm"]
-        metrics["lr"] = float(self.schedules.lr["backbone"][self.step - 1])
+        # the lr of the trained part: the backbone's (UNIC, UDON) or the neck and head's (UniFEx)
+        metrics["lr"] = float(self.schedules.lr["unic" if self.unifex else "backbone"][self.step - 1])
         metrics["wd"] = float(self.schedules.weight_decay[self.step - 1])
         metrics["images_per_s"] = steps * self.global_batch / elapsed
         metrics["data_time_s"] = data_time / steps

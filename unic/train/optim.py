@@ -1,4 +1,5 @@
-"""AdamW parameter groups and per-iteration schedules (precomputed, as dinov2)."""
+"""AdamW parameter groups (layer-wise lr decay for UniFEx's trained backbone blocks) and per-iteration
+schedules (precomputed, as dinov2)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,40 @@ def param_groups(model: nn.Module, weight_decay: float, tag: str = "default") ->
     return [g for g in groups if g["params"]]
 
 
+def separate_sharded(groups: list[dict], sharded: list[torch.Tensor]) -> list[dict]:
+    """``groups`` with the ``sharded`` parameters (Partial FC centres, one rank's rows each) moved to groups of
+    their own (same settings, ``sharded: True``), after the others: their state is per rank."""
+    ids = {id(p) for p in sharded}
+    if not ids:
+        return groups
+    plain, split = [], []
+    for group in groups:
+        keep = [p for p in group["params"] if id(p) not in ids]
+        moved = [p for p in group["params"] if id(p) in ids]
+        if keep:
+            plain.append({**group, "params": keep})
+        if moved:
+            split.append({**group, "params": moved, "sharded": True})
+    return plain + split
+
+
+def layer_decay_groups(backbone: nn.Module, weight_decay: float, tag: str, layer_decay: float = 1.0) -> list[dict]:
+    """The trainable parameters of a :class:`unic.models.unifex.PretrainedBackbone` in groups of one
+    ``lr_scale`` each (``layer_decay ** (last layer - layer)``, timm's numbering) and decay / no decay."""
+    scales = backbone.lr_scales(layer_decay)
+    groups: dict[tuple[float, bool], dict] = {}
+    for name, param in backbone.model.named_parameters():
+        if not param.requires_grad:
+            continue
+        decay = not (param.ndim <= 1 or name.endswith(".bias"))
+        key = (scales[name], decay)
+        if key not in groups:
+            groups[key] = {"params": [], "weight_decay": weight_decay if decay else 0.0, "apply_wd": decay,
+                           "tag": tag, "lr_scale": scales[name]}
+        groups[key]["params"].append(param)
+    return [groups[key] for key in sorted(groups, key=lambda k: (k[0], not k[1]))]
+
+
 def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: int = 0,
                     warmup_start: float = 0.0) -> np.ndarray:
     """Linear warm-up from ``warmup_start`` to ``base``, then cosine from ``base`` to ``final``."""
@@ -37,28 +72,60 @@ def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: i
 
 
 def apply_schedules(optimizer: torch.optim.Optimizer, values: dict[str, tuple[float, float]]) -> None:
-    """Set each group's (lr, weight decay) from ``values[tag]``; no-decay groups keep wd 0."""
+    """Set each group's (lr, weight decay) from ``values[tag]``, the lr times the group's ``lr_scale`` (layer-wise
+    decay; 1 when absent); no-decay groups keep wd 0."""
     for group in optimizer.param_groups:
         lr, weight_decay = values[group["tag"]]
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
         if group["apply_wd"]:
             group["weight_decay"] = weight_decay
 
 
-def clip_gradients(params: list[torch.Tensor], max_norm: float, mode: str = "global") -> torch.Tensor:
+def clip_gradients(params: list[torch.Tensor], max_norm: float, mode: str = "global",
+                   sharded: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Clip the gradients of ``params`` in place and return their total norm before clipping (no host sync).
 
     ``global``: one norm over all gradients, scaled together (``clip_grad_norm_``). ``per_param``: each
     parameter's gradient scaled to at most ``max_norm`` on its own, by ``max_norm / (norm + 1e-6)`` as UNIC's
-    ``utils.clip_gradients``. ``max_norm <= 0`` only measures.
+    ``utils.clip_gradients``. ``max_norm <= 0`` only measures. ``sharded`` parameters (Partial FC centres)
+    hold one rank's rows of a larger tensor: their norms are those of the whole tensor (squares summed over
+    ranks, one all-reduce), so every rank scales its replicated gradients alike.
     """
+    if mode not in ("global", "per_param"):
+        raise ValueError(f"clip mode must be 'global' or 'per_param', got {mode!r}")
+    if sharded:
+        return _clip_with_shards(params, max_norm, mode, sharded)
     grads = [p.grad for p in params if p.grad is not None]
     if max_norm <= 0:
         return torch.nn.utils.get_total_norm(grads)
     if mode == "global":
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    if mode != "per_param":
-        raise ValueError(f"clip mode must be 'global' or 'per_param', got {mode!r}")
     norms = torch.stack(torch._foreach_norm(grads))
     torch._foreach_mul_(grads, (max_norm / (norms + 1e-6)).clamp_(max=1.0).unbind())
     return torch.linalg.vector_norm(norms)
+
+
+def _clip_with_shards(params: list[torch.Tensor], max_norm: float, mode: str,
+                      sharded: list[torch.Tensor]) -> torch.Tensor:
+    """:func:`clip_gradients` where some parameters are per-rank shards (their squares summed over ranks)."""
+    from unic import distributed
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    ids = {id(p) for p in sharded}
+    split = [id(p) in ids for p in params if p.grad is not None]
+    squares = torch.stack([g.detach().float().square().sum() for g in grads])
+    mask = torch.tensor(split, device=squares.device)
+    # one all-reduce: the shards' squares summed over ranks, the replicated ones kept (the same everywhere)
+    squares = torch.where(mask, distributed.all_reduce_sum(torch.where(mask, squares, 0.0)), squares)
+    norms = squares.sqrt()
+    total = torch.linalg.vector_norm(norms)
+    if max_norm <= 0:
+        return total
+    if mode == "global":
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(grads, coef)
+    else:
+        torch._foreach_mul_(grads, (max_norm / (norms + 1e-6)).clamp_(max=1.0).unbind())
+    return total

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from unic.config import derived_schedule, objectives, resolve_batch
+from unic.config import derived_schedule, objectives, resolve_batch, unifex_enabled
 from unic.distributed import AUTOCAST_DTYPES, resolve_precision
 
 logger = logging.getLogger(__name__)
@@ -106,11 +106,114 @@ def skipped_features(cfg: DictConfig, data_skips: list[dict] | None = None, devi
     return skipped
 
 
+def _schedule(cfg: DictConfig, global_batch: int, per_gpu: int, num_train_images: int | None,
+              precision: str) -> dict:
+    """The batch, lrs and step counts (those that need the train split's size are None without it)."""
+    known = num_train_images is not None
+    if not known:
+        num_train_images = KNOWN_TRAIN_SIZES.get(cfg.data.dataset)
+    steps_per_epoch = num_train_images // global_batch if num_train_images else None
+    derived = derived_schedule(cfg, global_batch, steps_per_epoch or 0)
+    schedule = {
+        "global_batch": global_batch, "batch_per_gpu": per_gpu, "lr": derived["lr"], "lr_base": cfg.optim.lr,
+        "lr_scaled_with_batch": bool(cfg.optim.scale_lr), "min_lr": cfg.optim.min_lr,
+        "backbone_lr": derived["backbone_lr"], "head_lr": derived["head_lr"], "optimizer": cfg.optim.optimizer,
+        "weight_decay": [cfg.optim.weight_decay, cfg.optim.weight_decay_end], "epochs": cfg.optim.epochs,
+        "train_images": num_train_images,
+        "train_images_source": "data" if known else ("assumed: data.root not read" if num_train_images else "unknown"),
+        "steps_per_epoch": steps_per_epoch, "total_steps": None, "run_steps": None, "warmup_steps": None,
+        "backbone_frozen_steps": None,
+        "clip_grad": cfg.optim.clip_grad, "clip_mode": cfg.optim.clip_mode, "precision": precision,
+    }
+    if steps_per_epoch:
+        schedule.update(total_steps=derived["total_steps"], run_steps=derived["run_steps"],
+                        warmup_steps=derived["warmup_steps"], backbone_frozen_steps=derived["freeze_steps"])
+    return schedule
+
+
+def _unifex_plan(cfg: DictConfig, plan: dict, per_gpu: int, precision: str, num_classes: int | None) -> dict:
+    """The UniFEx recipe's model (backbone, neck, head over ``num_classes`` merged classes when known), FLOPs
+    and memory, built on the meta device."""
+    from unic.config import head_options
+    from unic.models.unifex import build_unifex_head, parse_backbone_name
+    from unic.train.build import build_unifex, input_spec
+
+    u = cfg.unifex
+    with torch.device("meta"):
+        model = build_unifex(cfg, load_weights=False)
+        head = None
+        if num_classes:
+            counts = [1] * num_classes  # DynM-ArcFace margins need counts; the sizes do not depend on them
+            head = build_unifex_head(cfg.heads.name, u.embed_dim, num_classes, head_options(cfg), counts)
+    backbone = model.backbone
+    size, mean, std = input_spec(cfg)
+    weights = u.weights
+    head_params = _count(head) if head is not None else None
+    rate = cfg.heads.partial_fc
+    per_rank = head_params
+    if head_params is not None and rate is not None:  # Partial FC: each rank holds a shard of the centres
+        from unic.models.partial_fc import shard_range
+
+        start, stop = shard_range(num_classes, 0, plan["world_size"])
+        per_rank = head_params * (stop - start) // num_classes
+    trainable = _count(model, trainable_only=True) + (head_params or 0)
+    trainable_per_rank = _count(model, trainable_only=True) + (per_rank or 0)
+    plan["unifex"] = {
+        "backbone": u.backbone, "source": parse_backbone_name(u.backbone)[0], "kwargs": dict(u.kwargs),
+        "weights": weights or "hub", "weights_exists": weights in (None, "random") or os.path.isfile(os.path.expanduser(weights)),
+        "img_size": size, "mean": list(mean), "std": list(std), "feature_dim": backbone.feature_dim,
+        "params": _count(backbone), "trainable_params": _count(backbone, trainable_only=True),
+        "blocks": backbone.num_blocks, "unfrozen_blocks": u.unfreeze_last_blocks, "layer_decay": u.layer_decay,
+        "neck": u.neck, "embed_dim": u.embed_dim, "neck_params": _count(model.neck), "dropout": u.dropout,
+        "head": cfg.heads.name, "num_classes": num_classes, "head_params": head_params,
+        "partial_fc": rate, "head_params_per_rank": per_rank,
+        "total_params": _count(model) + (head_params or 0), "total_trainable_params": trainable,
+        "transform": u.transform,
+    }
+    batch = 2
+    images = torch.empty(batch, 3, size, size, device="meta")
+    model.train()
+
+    def step() -> None:
+        out = model(images)["embedding"].float().sum()
+        out.backward()
+
+    flops = {"backbone_neck_fwd_bwd": _flops(step) // batch}
+    if head is not None:  # the cosine to every class centre, forward and backward
+        flops["head_fwd_bwd"] = 3 * 2 * head.weight.shape[0] * u.embed_dim
+    flops["total"] = sum(flops.values())
+    plan["flops_per_image"] = flops
+    plan["tflops_per_step_per_gpu"] = flops["total"] * per_gpu / 1e12
+    dtype = AUTOCAST_DTYPES[precision] or torch.float32
+    model.to(dtype)
+    act = _saved_bytes(lambda: model(images.to(dtype)), list(model.parameters())) // batch
+    frozen = plan["unifex"]["params"] - plan["unifex"]["trainable_params"]
+    low_precision = precision in ("bf16", "fp16")
+    memory = {
+        "trainable_params": trainable_per_rank,
+        "weights_grads_adamw_gb": trainable_per_rank * ADAMW_BYTES_PER_PARAM / 2**30,
+        "ddp_buckets_gb": _count(model, trainable_only=True) * 4 / 2**30 if plan["world_size"] > 1 else 0.0,
+        "autocast_weight_copies_gb": _count(model, trainable_only=True) * 2 / 2**30 if low_precision else 0.0,
+        "frozen_backbone_gb": frozen * 4 / 2**30,
+        "activations_per_image_mb": act / 2**20,
+        "activations_gb": act * per_gpu / 2**30,
+    }
+    memory["total_gb"] = sum(memory[k] for k in ("weights_grads_adamw_gb", "ddp_buckets_gb",
+                                                 "autocast_weight_copies_gb", "frozen_backbone_gb", "activations_gb"))
+    memory["note"] = ("estimate: fp32 trainable state (neck, head, trained blocks) with Adam(W), DDP buckets, autocast "
+                      "weight copies, the fp32 frozen backbone and the tensors saved for backward (frozen layers save "
+                      "none); excludes the frozen layers' transient activations, the CUDA context and allocator slack")
+    plan["memory_per_gpu"] = memory
+    return plan
+
+
 def build_plan(cfg: DictConfig, world_size: int = 1, num_train_images: int | None = None,
-               device: torch.device | None = None, skipped: list[dict] | None = None) -> dict:
+               device: torch.device | None = None, skipped: list[dict] | None = None,
+               num_classes: int | None = None) -> dict:
     """The plan of ``cfg`` on ``world_size`` processes; ``num_train_images`` when the train split is known,
     ``device`` the one the run uses (default: CUDA unless ``run.device=cpu``, the target of a real run),
-    ``skipped`` the features the run turns off (:func:`skipped_features`)."""
+    ``skipped`` the features the run turns off (:func:`skipped_features`), ``num_classes`` the size of the
+    UniFEx recipe's merged label space when the train split is known (its head is then counted too)."""
     from unic.models.ladder import UnicModel
     from unic.train.build import build_backbone, build_ladder, build_teachers
 
@@ -119,6 +222,10 @@ def build_plan(cfg: DictConfig, world_size: int = 1, num_train_images: int | Non
     precision = resolve_precision(cfg.run.precision, device)
     global_batch, per_gpu = resolve_batch(cfg, world_size)
     plan: dict = {"world_size": world_size, "device": device.type, "skipped": list(skipped or [])}
+    if unifex_enabled(cfg):
+        plan["teachers"] = {}
+        plan["schedule"] = _schedule(cfg, global_batch, per_gpu, num_train_images, precision)
+        return _unifex_plan(cfg, plan, per_gpu, precision, num_classes)
 
     with torch.device("meta"):  # the trainer's builders, without weights
         backbone = build_backbone(cfg, load_pretrained=False)
@@ -153,27 +260,7 @@ def build_plan(cfg: DictConfig, world_size: int = 1, num_train_images: int | Non
         plan["udon"] = {"head": cfg.heads.name, "teacher_dim": cfg.udon.teacher_dim,
                         "universal_dim": cfg.udon.universal_dim, "sampling": cfg.udon.sampling}
 
-    # schedule
-    known = num_train_images is not None
-    if not known:
-        num_train_images = KNOWN_TRAIN_SIZES.get(cfg.data.dataset)
-    steps_per_epoch = num_train_images // global_batch if num_train_images else None
-    derived = derived_schedule(cfg, global_batch, steps_per_epoch or 0)
-    schedule = {
-        "global_batch": global_batch, "batch_per_gpu": per_gpu, "lr": derived["lr"], "lr_base": cfg.optim.lr,
-        "lr_scaled_with_batch": bool(cfg.optim.scale_lr), "min_lr": cfg.optim.min_lr,
-        "backbone_lr": derived["backbone_lr"], "head_lr": derived["head_lr"],
-        "weight_decay": [cfg.optim.weight_decay, cfg.optim.weight_decay_end], "epochs": cfg.optim.epochs,
-        "train_images": num_train_images,
-        "train_images_source": "data" if known else ("assumed: data.root not read" if num_train_images else "unknown"),
-        "steps_per_epoch": steps_per_epoch, "total_steps": None, "run_steps": None, "warmup_steps": None,
-        "backbone_frozen_steps": None,
-        "clip_grad": cfg.optim.clip_grad, "clip_mode": cfg.optim.clip_mode, "precision": precision,
-    }
-    if steps_per_epoch:
-        schedule.update(total_steps=derived["total_steps"], run_steps=derived["run_steps"],
-                        warmup_steps=derived["warmup_steps"], backbone_frozen_steps=derived["freeze_steps"])
-    plan["schedule"] = schedule
+    plan["schedule"] = _schedule(cfg, global_batch, per_gpu, num_train_images, precision)
 
     # FLOPs per image (batch of 2 on the meta device, halved)
     batch = 2
@@ -257,15 +344,39 @@ def student_text(s: dict) -> str:
             f"{s['img_size']} px")
 
 
+def unifex_text(u: dict) -> list[str]:
+    """The UniFEx model's lines: backbone (what trains), neck, head."""
+    state = "" if u["weights"] in ("hub", "random") else (" (found)" if u["weights_exists"] else " (MISSING)")
+    trained = (f"last {u['unfrozen_blocks']} of {u['blocks']} blocks trained ({count_text(u['trainable_params'])}), "
+               f"layer decay {u['layer_decay']}" if u["unfrozen_blocks"] else f"frozen ({u['blocks']} blocks)")
+    head = (f"{u['num_classes']} merged classes, {count_text(u['head_params'])} params" if u["num_classes"]
+            else "classes unknown (train split not read)")
+    if u.get("partial_fc") is not None:
+        head += (f", Partial FC at rate {u['partial_fc']}"
+                 + (f" ({count_text(u['head_params_per_rank'])} per rank)" if u["head_params_per_rank"] else ""))
+    return [
+        f"backbone {u['backbone']}, {u['img_size']} px, feature {u['feature_dim']}, {count_text(u['params'])} params, "
+        f"{trained}; weights {u['weights']}{state}",
+        f"neck     {u['neck']} -> {u['embed_dim']}-d descriptor, {count_text(u['neck_params'])} params"
+        + (f", dropout {u['dropout']}" if u["neck"] == "proj" else "") + f"; transform {u['transform']}",
+        f"head     {u['head']} over {head}; trained in all {count_text(u['total_trainable_params'])} of "
+        f"{count_text(u['total_params'])} params",
+    ]
+
+
 def format_plan(plan: dict) -> str:
     """The plan as the lines a researcher reads before a long run."""
-    s, sch, mem, fl = plan["student"], plan["schedule"], plan["memory_per_gpu"], plan["flops_per_image"]
-    kwargs = ", ".join(f"{k}={v}" for k, v in s["kwargs"].items())
-    lines = [
-        f"student  {student_text(s)} ({s['tokens']} tokens), {count_text(s['params'])} params "
-        f"({count_text(s['trainable_params'])} trained); timm {s['arch']}" + (f" with {kwargs}" if kwargs else "")
-        + f"; LayerScale {'yes' if s['layerscale'] else 'no'}, registers {s['registers']}, drop path {s['drop_path']}",
-    ]
+    sch, mem, fl = plan["schedule"], plan["memory_per_gpu"], plan["flops_per_image"]
+    if "unifex" in plan:
+        lines = unifex_text(plan["unifex"])
+    else:
+        s = plan["student"]
+        kwargs = ", ".join(f"{k}={v}" for k, v in s["kwargs"].items())
+        lines = [
+            f"student  {student_text(s)} ({s['tokens']} tokens), {count_text(s['params'])} params "
+            f"({count_text(s['trainable_params'])} trained); timm {s['arch']}" + (f" with {kwargs}" if kwargs else "")
+            + f"; LayerScale {'yes' if s['layerscale'] else 'no'}, registers {s['registers']}, drop path {s['drop_path']}",
+        ]
     if "ladder" in plan:
         lad = plan["ladder"]
         lines.append(f"ladder   {lad['projectors']} projectors, {count_text(lad['params'])} params, blocks {lad['blocks']}, "
@@ -292,14 +403,15 @@ def format_plan(plan: dict) -> str:
         + f", min {sch['min_lr']:.3g}"
         + (f"; backbone lr {sch['backbone_lr']:.3g}" if sch["backbone_lr"] != sch["lr"] else "")
         + (f"; head lr {sch['head_lr']:.3g}" if sch["head_lr"] is not None else "")
-        + f"; {sch['precision']} on {plan['device']}; clip {sch['clip_grad']} ({sch['clip_mode']})",
+        + f"; {sch['optimizer']}; {sch['precision']} on {plan['device']}; clip {sch['clip_grad']} ({sch['clip_mode']})",
         f"schedule {steps}" + (f"; {images}" if images else ""),
         "flops    per image: " + ", ".join(f"{k} {flops_text(v)}" for k, v in fl.items())
         + f"; {flops_text(plan['tflops_per_step_per_gpu'] * 1e12)} per step per GPU",
         f"memory   ~{gb_text(mem['total_gb'])} per GPU: trainable state {gb_text(mem['weights_grads_adamw_gb'])}, "
         f"DDP buckets {gb_text(mem['ddp_buckets_gb'])}, autocast copies {gb_text(mem['autocast_weight_copies_gb'])}, "
-        f"teachers {gb_text(mem['teachers_gb'])}, activations {gb_text(mem['activations_gb'])} "
-        f"({mem['activations_per_image_mb']:.1f} MB per image)",
+        + (f"frozen backbone {gb_text(mem['frozen_backbone_gb'])}, " if "frozen_backbone_gb" in mem
+           else f"teachers {gb_text(mem['teachers_gb'])}, ")
+        + f"activations {gb_text(mem['activations_gb'])} ({mem['activations_per_image_mb']:.1f} MB per image)",
     ]
     lines += [f"skipped  {item['feature']}: {item['reason']}" for item in plan.get("skipped", [])]
     return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""The method's math in one place: UNIC distillation and UDON domain heads on the same batch.
+"""The method's math in one place: UNIC distillation and UDON domain heads on the same batch, or the UniFEx
+recipe (:class:`UnifexTask`).
 
 ``task(images, step, domain, labels) -> {"loss", parts...}``; the loop only steps, logs and checkpoints.
 """
@@ -99,9 +100,39 @@ class UnicTask:
             heads = self.domain_heads
             teacher_raw = heads.teacher_heads[domain](F.normalize(out["cls"].float(), dim=-1))
             terms = udon_loss(teacher_raw, out["universal_raw"], labels_B, heads.teacher_classifiers[domain],
-                              heads.universal_classifiers[domain], self.temperature, self.relational_weight)
+                              heads.universal_classifiers[domain], self.temperature, self.relational_weight,
+                              step=step)
             loss = loss + self.w_udon * terms["loss"]
             result["loss/udon"] = terms["loss"].detach()
             result.update({f"udon/{domain}/{k}": v.detach() for k, v in terms.items() if k != "loss"})
         result["loss"] = loss
         return result
+
+
+class UnifexTask:
+    """UniFEx: cross-entropy of one margin head over the merged label space, on the neck's descriptor.
+
+    ``model`` is the (possibly DDP-wrapped) :class:`unic.models.unifex.UnifexModel`; ``head`` stays outside
+    DDP: a replicated margin head (the loop averages its gradients; the loss is this rank's batch mean) or a
+    :class:`unic.models.partial_fc.PartialFC` (collective; its loss is the global batch's mean, the same on
+    every rank, with gradients that make DDP's average exact). ``labels_B`` are rows of the merged label space.
+    """
+
+    distills = False
+
+    def __init__(self, model: nn.Module, head: nn.Module, generator: torch.Generator | None = None):
+        from unic.models.unifex import is_sharded
+
+        self.model, self.head = model, head
+        self.sharded = is_sharded(head)
+        self.generator = generator  # unused: kept so that every task's state is saved alike
+
+    def __call__(self, images_BCHW: torch.Tensor, step: int | None = None, model: nn.Module | None = None,
+                 labels_B: torch.Tensor | None = None, **_) -> dict[str, torch.Tensor]:
+        out = (model or self.model)(images_BCHW)
+        if self.sharded:
+            loss = self.head(out["embedding"], labels_B, step)["loss"]
+        else:
+            logits_BC = self.head(out["embedding"], labels_B)
+            loss = F.cross_entropy(logits_BC.float(), labels_B)
+        return {"loss": loss, "loss/unifex": loss.detach()}

@@ -28,7 +28,8 @@ def _readable_rows(out: dict) -> dict:
 
 class Validator:
     """Distillation loss without dropping, weighted kNN top-1 of the backbone and, with UDON, the universal
-    embedding's leave-one-out R@1 per val domain (:func:`unic.eval.metrics.universal_recall`).
+    embedding's leave-one-out R@1 per val domain (:func:`unic.eval.metrics.universal_recall`). The UniFEx
+    recipe scores its descriptor (the neck's output) both ways: kNN top-1 and R@1 per domain.
 
     It runs at every epoch end and, with ``train.validate_first``, before the first step; never without
     ``train.validate`` or a val split.
@@ -42,6 +43,7 @@ class Validator:
         self.batch_per_gpu, self.device, self.dtype = batch_per_gpu, device, autocast_dtype
         self.metrics, self.modes = metrics, modes  # the writer; modules switched to eval mode (DDP wrapper, ...)
         self.domains = list(val_set.domain_names) if val_set is not None else []
+        self.unifex = parts.unifex_head is not None
 
     def should_validate(self, step: int) -> bool:
         """At step 0 (before training) with ``train.validate_first``, else after each epoch's last step."""
@@ -78,6 +80,8 @@ class Validator:
 
         model = self.parts.model
         out = model(images)
+        if self.unifex:
+            return F.normalize(out["embedding"].float(), dim=-1)
         feats = [F.normalize(out["cls"].float(), dim=-1)]
         if self.parts.teachers is not None:
             loss = self.task(images, None, drop=False, model=model, outputs=out)["loss"]
@@ -90,13 +94,15 @@ class Validator:
     def _encode_backbone(self, images: torch.Tensor) -> torch.Tensor:
         from unic.models.student import backbone_embedding
 
+        if self.unifex:
+            return F.normalize(self.parts.model(images)["embedding"].float(), dim=-1)
         return F.normalize(backbone_embedding(self.parts.model.backbone, images).float(), dim=-1)
 
     def _metrics(self, val: dict, bank: dict, loss_sum: torch.Tensor) -> dict[str, float]:
         from unic.eval.knn import weighted_knn
         from unic.eval.metrics import universal_recall
 
-        dim = self.parts.model.backbone.embed_dim
+        dim = self.parts.model.embed_dim if self.unifex else self.parts.model.backbone.embed_dim
         labels = torch.cat([unique_labels(bank["labels"], bank["domains"]),
                             unique_labels(val["labels"], val["domains"])])
         _, labels = torch.unique(labels, return_inverse=True)
@@ -106,6 +112,7 @@ class Validator:
         metrics = {f"knn{k}_top1": float(knn[k]["top1"]), "skipped_images": int(val["skipped"] + bank["skipped"])}
         if self.parts.teachers is not None:
             metrics["loss"] = float(loss_sum[0] / loss_sum[1])
-        if self.parts.domain_heads is not None:
-            metrics.update(universal_recall(val["features"][:, dim:], val["labels"], val["domains"], self.domains))
+        if self.parts.domain_heads is not None or self.unifex:
+            universal = val["features"][:, :dim] if self.unifex else val["features"][:, dim:]
+            metrics.update(universal_recall(universal, val["labels"], val["domains"], self.domains))
         return metrics
