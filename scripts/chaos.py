@@ -16,6 +16,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -136,6 +137,124 @@ def preempt(ctx, kind: str) -> Outcome:
                           f"failures), {'identical' if ok else 'DIFFERENT or failed'} final weights")
         if not ok:
             outcome.details.append(log[-1500:])
+    return outcome
+
+
+# multi-node: torchrun agents with c10d rendezvous, one per "node", all on this machine
+NODE_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # what the documented multi-node command sets (README)
+
+
+def node_command(node: int, port: int, run_id: str, nnodes: int = 2, nproc: int = 1,
+                 max_restarts: int = 3) -> list[str]:
+    """torchrun for node ``node`` of a multi-node job, as README's "Scaling out" runs it (c10d rendezvous,
+    restarts on), on this machine: every node gets its own loopback address (127.0.0.<node + 1>, so the ranks
+    follow the node numbers) and node 0 hosts the rendezvous store (on real nodes, the one named in
+    --rdzv-endpoint does). Dead nodes are noticed after 3 missed keep-alives of 1 s (default 5 s)."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc_per_node={nproc}",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={run_id}",
+            f"--max-restarts={max_restarts}", f"--local-addr=127.0.0.{node + 1}",
+            f"--rdzv-conf=is_host={int(node == 0)},keep_alive_interval=1,keep_alive_max_attempt=3"]
+
+
+def start_node(node: int, port: int, run_id: str, args: list[str], log: str, env: dict | None = None,
+               **kwargs) -> subprocess.Popen:
+    """Start node ``node``'s torchrun agent running ``main_unic.py args``; its output goes to ``log``."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **NODE_ENV, **(env or {})}
+    with open(log, "w") as f:
+        return subprocess.Popen([*node_command(node, port, run_id, **kwargs), "main_unic.py", *args], cwd=REPO,
+                                env=full_env, stdout=f, stderr=subprocess.STDOUT)
+
+
+def _descendants(pid: int) -> list[int]:
+    children = []
+    for task in os.listdir(f"/proc/{pid}/task") if os.path.isdir(f"/proc/{pid}/task") else []:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children += [int(c) for c in f.read().split()]
+        except OSError:  # the thread ended meanwhile
+            pass
+    return [d for c in children for d in (c, *_descendants(c))]
+
+
+def kill_node(proc: subprocess.Popen) -> None:
+    """SIGKILL a node: its torchrun agent and the workers. Killing the agent alone is not enough: torchrun
+    starts its workers in sessions of their own, so they would live on as orphans."""
+    for pid in [proc.pid, *_descendants(proc.pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+
+
+def wait_nodes(procs: list[subprocess.Popen], timeout: float) -> list[int | None]:
+    """Exit codes of the agents (None: still running at the deadline, then killed with its workers)."""
+    deadline, codes = time.time() + timeout, []
+    for proc in procs:
+        try:
+            codes.append(proc.wait(timeout=max(deadline - time.time(), 1)))
+        except subprocess.TimeoutExpired:
+            kill_node(proc)
+            codes.append(None)
+    return codes
+
+
+def _read(path: str) -> str:
+    with open(path, errors="replace") as f:
+        return f.read()
+
+
+def multinode_preempt(ctx) -> Outcome:
+    """Two torchrun agents ("nodes", 1 rank each, c10d rendezvous, restarts on), faults at a random step:
+    - ``node1``: node 1 is SIGKILLed (agent and worker) and relaunched, as a requeue of that node would. The
+      survivor's worker fails at once (gloo: connection closed); its agent restarts it and re-rendezvouses,
+      waiting for the relaunched node; the job resumes from the last checkpoint.
+    - ``node0``: the same for node 0, which hosts the rendezvous store: node 1's agent cannot re-rendezvous and
+      exits by itself; both nodes are relaunched (a requeue of the whole job).
+    - ``worker``: rank 1's worker is SIGKILLed, the agents live: both restart their workers (--max-restarts).
+    Each must end bit-identical to an uninterrupted single-node run."""
+    outcome = Outcome("multinode_preempt")
+    reference = _reference(ctx, 2)
+    for trial in range(ctx.trials):
+        step = ctx.rng.randint(3, 15)
+        for case in ("node1", "node0", "worker"):
+            out = os.path.join(ctx.work, f"multinode{trial}_{case}")
+            markers = out + ".faults"
+            os.makedirs(markers, exist_ok=True)
+            victim = 0 if case == "node0" else 1
+            # a killed node's rank first stalls at `step` (once: marker file), so that it dies there and not later
+            fault = f"{'kill' if case == 'worker' else 'hang'}:rank={victim}:step={step}"
+            env = {"UNIC_FAULTS": fault, "UNIC_FAULTS_DIR": markers}
+            args = _overrides(ctx.root, out, **{"data.batch_size_per_gpu": 8, "train.save_every": 2})
+            port, run_id, start = _free_port(), f"chaos{trial}{case}", time.time()
+            logs = [f"{out}.node{n}.log" for n in (0, 1)]
+            procs = [start_node(n, port, run_id, args, logs[n], env) for n in (0, 1)]
+            marker = os.path.join(markers, f"{fault.split(':')[0]}-rank{victim}-step{step}")
+            while not os.path.exists(marker) and all(p.poll() is None for p in procs) and time.time() - start < 300:
+                time.sleep(0.05)
+            fired = os.path.exists(marker)
+            survivor_code, relaunch = None, ()
+            if case != "worker":
+                kill_node(procs[victim])
+                relaunch = (victim,)
+            if case == "node0":  # the rendezvous store died with node 0: node 1's agent gives up by itself
+                survivor_code = wait_nodes([procs[1]], 120)[0]
+                relaunch = (0, 1)
+            for n in relaunch:
+                logs[n] = f"{out}.node{n}.relaunched.log"
+                procs[n] = start_node(n, port, run_id, args, logs[n], env)
+            codes = wait_nodes(procs, 400)
+            text = "".join(_read(p) for p in logs)
+            resumed_at = step - step % 2
+            resumed = f"resumed from {os.path.join(out, 'checkpoint.pth')} at step {resumed_at}" in text
+            same = codes == [0, 0] and same_weights(reference, final_weights(out))
+            ok = fired and resumed and same and (case != "node0" or survivor_code not in (0, None))
+            how = {"node1": "SIGKILL node 1; relaunched, the survivor re-rendezvoused",
+                   "node0": f"SIGKILL node 0; node 1's agent exited {survivor_code}, both relaunched",
+                   "worker": "SIGKILL rank 1's worker; both agents restarted theirs"}[case]
+            outcome.check(ok, f"{how} (step {step}): exit codes {codes}, resumed at step "
+                              f"{resumed_at if resumed else '?'}, {'identical' if same else 'DIFFERENT or failed'} "
+                              f"final weights, {time.time() - start:.0f} s")
+            if not ok:
+                outcome.details.append(text[-2000:])
     return outcome
 
 
@@ -494,6 +613,7 @@ def hung_collective(ctx) -> Outcome:
 SCENARIOS = {
     "preempt_kill": lambda ctx: preempt(ctx, "kill"),
     "preempt_term": lambda ctx: preempt(ctx, "term"),
+    "multinode_preempt": multinode_preempt,
     "checkpoint_crash": checkpoint_crash,
     "hostile_data": hostile_data,
     "numerics": numerics,

@@ -10,7 +10,7 @@ def test_entries_are_complete():
         assert spec.kind in KINDS and spec.protocol in PROTOCOLS and spec.layout and spec.splits
         if spec.kind == "transfer":
             assert callable(spec.reader()) and spec.splits == ("trainval", "test")
-    assert dataset_names(trainable=True) == ["demo", "uned", "imagenet", "csv"]
+    assert dataset_names(trainable=True) == ["demo", "uned", "imagenet", "csv", "wds"]
     assert get_dataset("ade20k").defaults["num_classes"] == 150
     assert get_dataset("eurosat").defaults["counts"] == (10, 18_900, 8100)
 

@@ -186,6 +186,8 @@ class DataConfig(LoaderConfig):
     global_batch: Optional[int] = None
     knn_train_fraction: float = 1.0  # fraction of the train split used as the kNN bank at validation
     worker_timeout_s: float = 600.0  # a data worker silent for this long is an error, not a hang
+    # wds: samples each data stream holds to shuffle a shard as it reads it sequentially (0: the tar's order)
+    shuffle_buffer: int = 1000
 
 
 @dataclass(kw_only=True)
@@ -347,7 +349,7 @@ def _validate(cfg: DictConfig) -> None:
     ], non_negative=[
         "optim.warmup_epochs", "optim.lr", "optim.min_lr", "optim.weight_decay",
         "optim.clip_grad", "udon.window_reset_every", "train.save_every", "train.max_steps", "train.keep_checkpoints",
-        "data.worker_timeout_s", "student.drop_path",
+        "data.worker_timeout_s", "data.shuffle_buffer", "student.drop_path",
     ], unit=["loss.drop_prob", "data.knn_train_fraction", "student.drop_path"])
     if not 0.0 < cfg.data.knn_train_fraction:
         raise ConfigError("invalid value for 'data.knn_train_fraction': must be > 0")

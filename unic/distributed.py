@@ -101,13 +101,10 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> torch.d
     if launched_by_torchrun() and not is_enabled():
         backend = "nccl" if use_cuda else "gloo"
         timeout = datetime.timedelta(seconds=timeout_s)
-        # torchrun's agent keeps one store across restarts: without a per-attempt prefix a restarted group
-        # can read its peers' addresses from the previous attempt ("connectFullMesh ... Connection refused")
         store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group(
             backend=backend,
-            store=dist.PrefixStore(f"unic/attempt{attempt}/", store),
+            store=dist.PrefixStore(store_prefix(), store),
             rank=rank,
             world_size=world,
             timeout=timeout,
@@ -115,6 +112,21 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> torch.d
         )
         logger.info("initialised %s process group: rank %d / %d", backend, get_rank(), get_world_size())
     return torch_device
+
+
+def store_prefix() -> str:
+    """The key prefix of this attempt's process group in the rendezvous store.
+
+    When torchrun's agent shares its store with the workers (``TORCHELASTIC_USE_AGENT_STORE=True``: static
+    rendezvous, ``--standalone``, c10d by default) that store outlives an attempt: without a per-attempt prefix
+    a restarted group reads its peers' addresses from the previous attempt ("connectFullMesh ... Connection
+    refused"); its one agent gives every worker the same restart count. Without sharing (c10d with
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, how multi-node jobs run) rank 0 hosts a fresh store each
+    attempt and the agents' restart counts differ (a relaunched node counts from 0 while a surviving one
+    has restarted), so the prefix must not depend on them."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "True") == "False":
+        return "unic/"
+    return f"unic/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
 
 
 def destroy_distributed() -> None:

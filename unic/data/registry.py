@@ -28,11 +28,14 @@ import importlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-KINDS = ("uned", "folder", "imagenet", "csv", "transfer", "ade20k")
+KINDS = ("uned", "folder", "imagenet", "csv", "wds", "transfer", "ade20k")
 PROTOCOLS = ("retrieval", "knn", "transfer", "segmentation")
 
 _UNED_LAYOUT = "root/info_files/<domain>/<split>.json and the images they list under root/images"
 _COG_FILES = "cog_levels_mapping_file.pkl and cog_concepts_split_file.pkl"
+_WDS_LAYOUT = ("root/index.json and the webdataset tar shards it lists (<key>.jpg|png|..., <key>.cls, <key>.json), "
+               "written by scripts/write_shards.py from a uned, imagenet or csv split; validation and the kNN bank "
+               "read the source folder the index names, when it is there")
 _CSV_LAYOUT = ("root/<split>.csv with a header img_path,label[,domain] (UniFEx's m4d-35k_train.csv), the image "
                "paths relative to root")
 
@@ -81,6 +84,8 @@ _ENTRIES: list[DatasetSpec] = [
                 ("val", "train"), {"crop_ratio": 0.875, "bank_split": "train", "name": "imagenet"}, trainable=True),
     # --- image lists in CSV files: training (UniFEx's M4D-35k: data.train_split=m4d-35k_train)
     DatasetSpec("csv", "csv", "retrieval", _CSV_LAYOUT, ("train", "val"), {"crop_ratio": 1.0}, trainable=True),
+    # --- webdataset tar shards of any of the above (training at cluster scale: unic.data.shards)
+    DatasetSpec("wds", "wds", "retrieval", _WDS_LAYOUT, ("train",), trainable=True),
     # --- the t-ReX transfer suite (unic.data.transfer reads each official layout)
     _transfer("imagefolder", "D/train/<class>/<image> and D/test/<class>/<image>: trainval = D/trainval, or "
               "D/train (+ D/val when D/test exists); test = D/test, or D/val", "read_imagefolder", None),

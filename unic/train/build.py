@@ -29,7 +29,8 @@ from unic.train.standardize import TeacherStandardizer
 # ------------------------------------------------------------------------------------------------ data
 # the data.root the presets ship with: a placeholder the user replaces
 PLACEHOLDER_ROOT = "/path/to/"
-DATASET_TITLES = {"imagenet": "ImageNet", "uned": "UnED", "demo": "demo", "csv": "CSV image-list"}
+DATASET_TITLES = {"imagenet": "ImageNet", "uned": "UnED", "demo": "demo", "csv": "CSV image-list",
+                  "wds": "webdataset shard (index.json)"}
 
 
 def check_data_root(cfg: DictConfig, root: str) -> None:
@@ -78,7 +79,7 @@ def build_datasets(cfg: DictConfig, udon: bool, skipped: list[dict] | None = Non
         spec = get_dataset(data.dataset, what="data.dataset")
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if not spec.trainable or spec.kind not in ("uned", "imagenet", "csv"):
+    if not spec.trainable or spec.kind not in ("uned", "imagenet", "csv", "wds"):
         raise ConfigError(f"data.dataset={spec.name} cannot be trained on (trainable: "
                           f"{', '.join(dataset_names(trainable=True))})")
     size, mean, std = input_spec(cfg)
@@ -101,7 +102,22 @@ def build_datasets(cfg: DictConfig, udon: bool, skipped: list[dict] | None = Non
         root = os.path.abspath(root)
     check_data_root(cfg, root)
     missing = None  # why there is no val split
-    if spec.kind == "imagenet":
+    if spec.kind == "wds":
+        from unic.data.shards import ShardFormatError, open_shards, source_dataset
+
+        try:
+            train = open_shards(root, data.domains or None, train_tf)
+        except (FileNotFoundError, ShardFormatError, ValueError) as err:
+            raise ConfigError(f"data.root={data.root}: {err}") from None
+        if train.layout in ("imagenet", "csv"):  # evaluated as the layout the shards were written from
+            val_tf = eval_transform(size, crop_ratio=get_dataset(train.layout).defaults["crop_ratio"], **norm)
+        else:
+            val_tf = uned_eval_transform(size, **norm)
+        try:
+            val = source_dataset(train, data.val_split, val_tf)
+        except FileNotFoundError as err:
+            val, missing = None, f"no val split: {err}"
+    elif spec.kind == "imagenet":
         train = image_folder_dataset(os.path.join(root, data.train_split), train_tf)
         val_dir = os.path.join(root, data.val_split)
         val = image_folder_dataset(val_dir, val_tf) if os.path.isdir(val_dir) else None
@@ -124,7 +140,9 @@ def build_datasets(cfg: DictConfig, udon: bool, skipped: list[dict] | None = Non
     bank = None
     if val is not None:
         stride = max(1, round(1 / data.knn_train_fraction))
-        bank = ImageListDataset(train.samples[::stride], val_tf, train.domain_names)
+        # shards: the bank reads the source folder of the shards (a ShardSet's samples are not files)
+        source = source_dataset(train, None, val_tf) if spec.kind == "wds" else train
+        bank = ImageListDataset(source.samples[::stride], val_tf, train.domain_names)
     return train, val, bank
 
 
@@ -329,7 +347,13 @@ def build_batches(cfg: DictConfig, train_set: ImageListDataset, global_batch: in
     if len(train_set) < global_batch:
         raise ConfigError(f"the training set has {len(train_set)} images, fewer than one global batch "
                           f"({global_batch})")
+    from unic.data.shards import ShardSet, shard_batches
+
+    shards = isinstance(train_set, ShardSet)
     if not objectives(cfg)[1]:
+        if shards:
+            return shard_batches(train_set, global_batch, rank, world, cfg.run.seed, cfg.data.num_workers, pin,
+                                 cfg.data.worker_timeout_s, cfg.data.shuffle_buffer)
         sampler = GlobalBatchSampler(len(train_set), global_batch, rank, world, cfg.run.seed)
         return EpochBatches(train_set, sampler, cfg.data.num_workers, pin, cfg.data.worker_timeout_s)
     sizes = [sum(1 for _, _, dom in train_set.samples if dom == d) for d in range(len(train_set.domain_names))]
@@ -340,6 +364,9 @@ def build_batches(cfg: DictConfig, train_set: ImageListDataset, global_batch: in
                               "or drop the domain")
     domain_sampler = DomainSampler(sizes, cfg.udon.sampling, cfg.udon.update_every, cfg.run.seed, device,
                                    cfg.udon.window_reset_every)
+    if shards:
+        return shard_batches(train_set, global_batch, rank, world, cfg.run.seed, cfg.data.num_workers, pin,
+                             cfg.data.worker_timeout_s, cfg.data.shuffle_buffer, domain_sampler)
     return DomainBatches(train_set, global_batch, rank, world, cfg.run.seed, domain_sampler, cfg.data.num_workers,
                          pin, cfg.data.worker_timeout_s)
 
