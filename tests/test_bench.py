@@ -32,3 +32,13 @@ def test_bench_baseline_measures_the_plain_path_beside_the_fast_one(demo_root, t
     assert result["speedup"] == fast["images_per_s"] / plain["images_per_s"]
     assert fast["flops_per_step_per_device"] == plain["flops_per_step_per_device"]  # the same math
     assert any("Ladder.batched" in item for item in result["baseline_off"])
+
+
+def test_bench_data_only_times_the_loader(demo_root, tmp_path, capsys):
+    overrides = [o for o in tiny_overrides(demo_root, str(tmp_path / "ignored")) if not o.startswith("run.output_dir")]
+    assert main(["--warmup", "1", "--steps", "3", "--data-only", *overrides]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out[out.rindex("\n{\n") + 1:])
+    assert result["steps_timed"] == 3 and result["loader_images_per_s"] > 0 and result["batch_per_device"] == 16
+    assert "step_time_s" not in result  # no training step was run
+    assert main(["--data-only", "--baseline", *overrides]) == 2

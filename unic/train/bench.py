@@ -11,7 +11,9 @@ every teacher forward.
 ``--baseline`` measures, in the same process and on the same batches, the same step with every fast-path
 feature off (:data:`BASELINE`: eager, one MLP per projector, the ladder in float32, AdamW without the
 foreach/fused kernels) after the configured one, and prints both figures and their ratio: the honest A/B
-on any machine.
+on any machine. ``--data-only`` times the data loader alone (decoding, augmentation, collation and the copy
+to the device, with the configured workers): the input pipeline's ceiling in images/s, to compare with the
+step's.
 """
 
 from __future__ import annotations
@@ -59,6 +61,31 @@ def _flags(parser: argparse.ArgumentParser) -> None:
                         help="per-device peak for MFU (default: the table's figure for the GPU)")
     parser.add_argument("--baseline", action="store_true",
                         help="also measure the plain path (every fast-path feature off) and print the ratio")
+    parser.add_argument("--data-only", dest="data_only", action="store_true",
+                        help="time the data loader alone (its images/s ceiling), no training step")
+
+
+def measure_data(trainer, args) -> dict:
+    """images/s of the training batches alone (data workers, decoding, augmentation, copy to the device)."""
+    batches = trainer.batches
+    batches.start(0)
+    try:
+        for _ in range(args.warmup):  # the workers' start-up is not the steady state
+            batches.next()
+        start, images = time.perf_counter(), 0
+        for _ in range(args.steps):
+            _, batch = batches.next()
+            images += batch["image"].to(trainer.device, non_blocking=True).shape[0]
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize(trainer.device)
+        elapsed = time.perf_counter() - start
+    finally:
+        batches.close()
+    images_per_s = images * trainer.world / elapsed  # every rank loads its share at the same rate
+    return {"device": str(trainer.device), "world_size": trainer.world, "data": trainer.cfg.data.dataset,
+            "img_size": trainer.cfg.student.img_size, "batch_per_device": trainer.batch_per_gpu,
+            "num_workers": trainer.cfg.data.num_workers, "steps_timed": args.steps,
+            "loader_images_per_s": images_per_s, "loader_images_per_s_per_device": images_per_s / trainer.world}
 
 
 def make_baseline(trainer) -> None:
@@ -165,8 +192,10 @@ def main(argv: list[str] | None = None) -> int:
                           default_config=DEMO_CONFIG, flags=_flags)
         if args.warmup < 0 or args.steps < 1:
             raise ConfigError(f"--warmup must be >= 0 and --steps >= 1, got {args.warmup} and {args.steps}")
+        if args.data_only and args.baseline:
+            raise ConfigError("--data-only times the loader alone; it does not combine with --baseline")
         trainer = Trainer(cfg)
-        result = report(trainer, args, measure(trainer, args))
+        result = measure_data(trainer, args) if args.data_only else report(trainer, args, measure(trainer, args))
         if args.baseline:
             trainer.close()
             trainer = None
