@@ -11,8 +11,9 @@ setup(
     py_modules=["main_unic", "main_retrieval", "main_zeroshot"],
     package_data={"unic": ["configs/*.yaml"]},
     install_requires=[
-        "torch>=2.1",
-        "torchvision>=0.16",
+        # 2.6: weights-only loading with safe_globals (published checkpoints), torch.onnx's dynamo exporter
+        "torch>=2.6",
+        "torchvision>=0.21",
         "timm>=1.0.9",
         "open_clip_torch>=2.24",
         "einops>=0.7",

@@ -90,11 +90,11 @@ TEACHERS: dict[str, TeacherSpec] = {
         # *_clip_224 ones run GELU, which OpenAI's weights were not trained with)
         TeacherSpec(name="clip_vitb16", source="timm", arch="vit_base_patch16_clip_quickgelu_224", resolution=224,
                     mean=CLIP_MEAN, std=CLIP_STD, ckpt_format="clip", filename="clip_vitb16_openai.bin",
-                    url="hf-hub:timm/vit_base_patch16_clip_quickgelu_224.openai (open_clip_pytorch_model.bin)",
+                    url="hf-hub:timm/vit_base_patch16_clip_224.openai (open_clip_pytorch_model.bin)",
                     hub="vit_base_patch16_clip_quickgelu_224.openai", open_clip=("ViT-B-16-quickgelu", "openai")),
         TeacherSpec(name="clip_vitl14", source="timm", arch="vit_large_patch14_clip_quickgelu_224", resolution=224,
                     mean=CLIP_MEAN, std=CLIP_STD, ckpt_format="clip", filename="clip_vitl14_openai.bin",
-                    url="hf-hub:timm/vit_large_patch14_clip_quickgelu_224.openai (open_clip_pytorch_model.bin)",
+                    url="hf-hub:timm/vit_large_patch14_clip_224.openai (open_clip_pytorch_model.bin)",
                     hub="vit_large_patch14_clip_quickgelu_224.openai", open_clip=("ViT-L-14-quickgelu", "openai")),
         TeacherSpec(name="metaclip_vith14", source="timm", arch="vit_huge_patch14_clip_quickgelu_224",
                     resolution=224, mean=CLIP_MEAN, std=CLIP_STD, ckpt_format="clip",

@@ -3,7 +3,6 @@ load_encoder + the evaluation transform (PIL / torchvision) on image files, and 
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import subprocess
@@ -23,7 +22,9 @@ from unic.eval.encoders import load_encoder
 from unic.export import Preprocess, main, plan_preprocessing
 from unic.io import save_checkpoint
 from unic.models.export import student_export, universal_export
+from unic.models.ladder import Ladder
 from unic.models.student import build_student
+from unic.train.standardize import TeacherStandardizer
 
 ARCH, KWARGS = "vit_tiny_patch16_224", {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]  # not ImageNet's: the export must carry the file's own
@@ -77,24 +78,19 @@ def source(tmp_path_factory) -> str:
     cfg = _cfg()
     backbone = build_student(ARCH, 32, 0.0, dict(KWARGS)).eval()
     heads = {"cars": nn.Linear(32, 16), "food": nn.Linear(32, 16)}
-    extra = {}
-    if "ladder" in inspect.signature(student_export).parameters:
-        from unic.models.ladder import Ladder
-        from unic.train.standardize import TeacherStandardizer
-
-        ladder = Ladder(32, 2, {TEACHER: TEACHER_DIM}, None, 16, 48)
-        standardizer = TeacherStandardizer({TEACHER: TEACHER_DIM})
-        with torch.no_grad():
-            for p in ladder.parameters():
-                p.normal_(0, 0.3)
-            for name, buf in standardizer.named_buffers():
-                if name.endswith("__mean"):
-                    buf.normal_(0, 2.0)
-                elif name.endswith("__std"):
-                    buf.uniform_(0.5, 3.0)
-        extra = {"ladder": ladder, "standardizer": standardizer}
+    ladder = Ladder(32, 2, {TEACHER: TEACHER_DIM}, None, 16, 48)
+    standardizer = TeacherStandardizer({TEACHER: TEACHER_DIM})
+    with torch.no_grad():
+        for p in ladder.parameters():
+            p.normal_(0, 0.3)
+        for name, buf in standardizer.named_buffers():
+            if name.endswith("__mean"):
+                buf.normal_(0, 2.0)
+            elif name.endswith("__std"):
+                buf.uniform_(0.5, 3.0)
     path = str(tmp_path_factory.mktemp("model") / "universal.pth")
-    save_checkpoint(universal_export(backbone, cfg, nn.Linear(32, UNIVERSAL_DIM), heads, list(heads), **extra), path)
+    save_checkpoint(universal_export(backbone, cfg, nn.Linear(32, UNIVERSAL_DIM), heads, list(heads), ladder,
+                                     standardizer), path)
     return path
 
 

@@ -172,6 +172,15 @@ def test_unic_encoder_matches_dinov2(tmp_path, images):
         tokens = model.forward_features(images)
     torch.testing.assert_close(tokens[:, 0], ref["x_norm_clstoken"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(tokens[:, 1:], ref["x_norm_patchtokens"], atol=1e-5, rtol=1e-5)
+    # at other sizes (ADE20K's 512 px windows) the position embedding is resampled with UNIC's DINOv2 rule
+    # (0.1 offset, no antialiasing): timm's own rule would differ by about 5 % of the tokens' scale
+    assert converted["pos_embed_rule"] == "dinov2"
+    for hw in ((2 * IMG, 2 * IMG), (IMG + 3 * PATCH, 2 * IMG)):
+        x = torch.randn(2, 3, *hw, generator=torch.Generator().manual_seed(9))
+        with torch.no_grad():
+            ref_hw, ours_hw = encoder.forward_features(x), model.forward_features(x)
+        torch.testing.assert_close(ours_hw[:, 0], ref_hw["x_norm_clstoken"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours_hw[:, 1:], ref_hw["x_norm_patchtokens"], atol=1e-5, rtol=1e-5)
 
     # student.pretrained=unic.pth initialises a training run's student from the released file itself
     from unic.config import load_config

@@ -53,6 +53,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from unic.config import ConfigError, ModelConfig, RunConfig, check_choices, check_range
+from unic.io import safe_filename
 
 logger = logging.getLogger(__name__)
 
@@ -326,17 +327,14 @@ LOADERS = {"torchscript": load_torchscript, "onnx": load_onnx}
 # the export run
 
 
-def _safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"
-
 
 def default_output_dir(source: str, embedding: str) -> str:
     from unic.eval.encoders import is_named_model
 
     if is_named_model(source):
-        return os.path.join("output", "deploy", _safe_name(f"{source}-{embedding}"))
+        return os.path.join("output", "deploy", safe_filename(f"{source}-{embedding}"))
     stem = os.path.splitext(os.path.basename(source))[0]
-    return os.path.join(os.path.dirname(os.path.abspath(source)), "deploy", _safe_name(f"{stem}-{embedding}"))
+    return os.path.join(os.path.dirname(os.path.abspath(source)), "deploy", safe_filename(f"{stem}-{embedding}"))
 
 
 def load(cfg: DictConfig) -> nn.Module:

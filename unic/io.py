@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import pickle
 from collections.abc import Callable
 from typing import IO, Any
@@ -97,3 +98,9 @@ def load_checkpoint(path: str) -> dict:
     if not isinstance(ckpt, dict):
         raise CheckpointFormatError(f"{path} is not a UNIC checkpoint (top level is {type(ckpt).__name__})")
     return ckpt
+
+
+def safe_filename(text: str) -> str:
+    """``text`` (a model source, a data set, a domain) as one file or folder name: runs of anything but
+    letters, digits, ``.``, ``_`` and ``-`` become ``-``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"

@@ -181,7 +181,9 @@ def _from_timm(name: str, weights: str | None) -> Encoder:
                    cfg.get("std", IMAGENET_STD), name=name)
 
 
-class _OpenClipImage(nn.Module):
+class OpenClipImage(nn.Module):
+    """images -> a CLIP model's own image embedding (``encode_image``, not normalised)."""
+
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
@@ -205,7 +207,7 @@ def _from_open_clip(name: str, weights: str | None) -> Encoder:
 
     mean = getattr(visual, "image_mean", None) or CLIP_MEAN
     std = getattr(visual, "image_std", None) or CLIP_STD
-    return Encoder(_OpenClipImage(model), "open_clip", size, mean, std, name=name)
+    return Encoder(OpenClipImage(model), "open_clip", size, mean, std, name=name)
 
 
 def _from_unicom(name: str, weights: str | None) -> Encoder:

@@ -62,7 +62,7 @@ from unic.eval.metrics import (
     relevance_matrix,
 )
 from unic.eval.search import SEARCH_CHUNK, search
-from unic.io import atomic_write, write_json
+from unic.io import atomic_write, write_json, safe_filename
 
 logger = logging.getLogger(__name__)
 
@@ -585,7 +585,7 @@ def visualize_neighbors(
         query_captions = [f"query {row}\nclass {','.join(str(c) for c in labels if c >= 0)}"
                           for row, labels in zip(rows, query_labels)]
         mode = "merged" if merged and len(domains) > 1 else "separate"
-        file = os.path.join(output_dir, f"neighbors_{_safe_name(domain)}.png")
+        file = os.path.join(output_dir, f"neighbors_{safe_filename(domain)}.png")
         save_neighbor_figure(
             file, f"{domain}: {query_split} -> {index_split}, {mode} index (green: relevant, red: not)",
             [paths[f"{domain}:{query_split}"][row] for row in rows], query_captions, neighbor_paths, captions,
@@ -699,9 +699,6 @@ class Plan:
     paths: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
 
-def _safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"
-
 
 def _checkpoint_step(source: str) -> int:
     """The training step of a UNIC checkpoint (0 for exports and named models), read lazily (mmap)."""
@@ -791,7 +788,7 @@ def _output_dir(cfg: DictConfig, source: str, tag: str) -> str:
     if cfg.run.output_dir:
         return cfg.run.output_dir
     if is_named_model(source):
-        return os.path.join("output", "eval", _safe_name(source), tag)
+        return os.path.join("output", "eval", safe_filename(source), tag)
     return os.path.join(os.path.dirname(os.path.abspath(source)), "eval", tag)
 
 
@@ -821,7 +818,7 @@ def _plan_from_images(cfg: DictConfig, device: torch.device) -> Plan:
     metrics = parse_metrics(protocol.metrics or spec.defaults.get("metrics", "uned"))
     modes = _modes(protocol.modes, oracle, _default_modes(spec))
     parts = [task, spec.name if spec.kind == "uned" else name] + ([] if spec.kind == "folder" else [split])
-    output_dir = _output_dir(cfg, source, _safe_name("-".join(parts + [embedding])))
+    output_dir = _output_dir(cfg, source, safe_filename("-".join(parts + [embedding])))
     meta = {"format": DESCRIPTOR_FORMAT, "version": 1, "source": source, "embedding": embedding,
             "data": spec.name, "root": root, "split": split, "task": task, "pairs": pairs, "metrics": list(metrics),
             "img_size": img_size, "crop_ratio": crop_ratio, "step": _checkpoint_step(source)}

@@ -30,7 +30,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Callable, Optional
 
@@ -45,8 +44,9 @@ from unic import distributed
 from unic.cli import write_resolved_config
 from unic.config import ConfigError, LoaderConfig, ModelConfig, RunConfig, check_choices, check_range
 from unic.data.folders import ImageListDataset, scan_image_folder
+from unic.eval.encoders import OpenClipImage
 from unic.eval.features import extract_features
-from unic.io import atomic_write, write_json, write_text
+from unic.io import atomic_write, write_json, write_text, safe_filename
 
 if TYPE_CHECKING:
     from teachers.registry import TeacherSpec
@@ -298,17 +298,6 @@ class AdaptorImageEmbedding(nn.Module):
             return cls_BD.float() @ self.proj_DE
 
 
-class ClipImageEmbedding(nn.Module):
-    """images -> the CLIP model's own image embedding (``encode_image``, not normalised)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images_BCHW: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(images_BCHW)
-
-
 @torch.no_grad()
 def topk_predictions(embeddings_NE: torch.Tensor, classes_CE: torch.Tensor, k: int = max(TOP_KS),
                      device: torch.device | str = "cpu") -> torch.Tensor:
@@ -440,15 +429,12 @@ class Plan:
     step: int = 0
 
 
-def _safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"
-
 
 def _load_student(source: str, teacher: str | None) -> tuple[nn.Module, str, int]:
     """(adaptor, teacher name as the file spells it, training step) of a UNIC file of ours or a published UNIC
     checkpoint (converted on reading, :func:`unic.models.published.open_checkpoint`); ``teacher`` None: the
     file's only CLIP-family adaptor."""
-    from unic.models.adaptor import adaptor_from_checkpoint, adaptor_names
+    from unic.models.adaptor import adaptor_from_checkpoint, adaptor_names, why_no_adaptors
     from unic.models.published import open_checkpoint
 
     path = os.path.expanduser(source)
@@ -460,8 +446,7 @@ def _load_student(source: str, teacher: str | None) -> tuple[nn.Module, str, int
         raise ConfigError(f"model.source: {err}") from None
     names = adaptor_names(ckpt)
     if not names:
-        raise ConfigError(f"{source} has no adaptors (a run without distillation, or exported before exports kept "
-                          "the ladder; its checkpoint.pth has them)")
+        raise ConfigError(f"{source} has no adaptors ({why_no_adaptors(ckpt)})")
     if teacher is None:
         clip = [name for name in names if is_clip_teacher(name)]
         if len(clip) != 1:
@@ -499,7 +484,7 @@ def prepare(cfg: DictConfig, device: torch.device) -> Plan:
     if cfg.run.output_dir:
         output_dir = cfg.run.output_dir
     else:
-        tag = _safe_name("-".join(["zeroshot", os.path.basename(root), data.split or "", teacher]))
+        tag = safe_filename("-".join(["zeroshot", os.path.basename(root), data.split or "", teacher]))
         base = (os.path.join(os.path.dirname(os.path.abspath(os.path.expanduser(cfg.model.source))), "eval")
                 if cfg.model.source else os.path.join("output", "eval"))
         output_dir = os.path.join(base, tag)
@@ -581,12 +566,12 @@ def run(cfg: DictConfig, device: torch.device) -> dict:
         meta["student"] = {"model": f"student {plan.source}", "source": plan.source, "step": plan.step,
                            "embedding": f"adaptor to {adaptor.teacher}", "img_size": img_size,
                            "crop_ratio": crop_ratio, "input": f"{img_size} px, crop {crop_ratio:g}"}
-        plan.adaptor = encode = None
+        plan.adaptor = encode = adaptor = None  # the student leaves the device before the teacher is scored
     if cfg.zeroshot.evaluate_teacher:
         dataset = ImageListDataset(plan.samples, clip_transform(model))
         size = model.visual.image_size
         size = int(size[0] if isinstance(size, (tuple, list)) else size)
-        rows["teacher"] = score_model(ClipImageEmbedding(model), dataset, classes_CE, desc="teacher", **loader)
+        rows["teacher"] = score_model(OpenClipImage(model), dataset, classes_CE, desc="teacher", **loader)
         meta["teacher"] = {"model": f"teacher {spec.name}", "source": where, "embedding": "open_clip encode_image",
                            "img_size": size, "input": f"{size} px (open_clip preprocessing)"}
     if not main_process:

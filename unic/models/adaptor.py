@@ -78,6 +78,15 @@ def _resolve(name: str, teachers: list[str]) -> str | None:
     return matches[0] if len(matches) == 1 else None
 
 
+def why_no_adaptors(ckpt: dict) -> str:
+    """Why a loaded file has no adaptors, for the error message."""
+    if "format" not in ckpt:
+        return "it is not a UNIC file"
+    if (ckpt.get("origin") or {}).get("adaptors"):  # a published checkpoint whose ladder was not converted
+        return f"its ladder was {ckpt['origin']['adaptors']}"
+    return "trained without distillation, or exported before exports kept the ladder"
+
+
 def adaptor_from_checkpoint(ckpt: dict, teacher: str, source: str = "checkpoint") -> Adaptor:
     """The eval-mode :class:`Adaptor` to ``teacher`` of a loaded UNIC file (any format); a clear error when the
     file has no adaptors or none for that teacher (naming those it has)."""
@@ -85,10 +94,8 @@ def adaptor_from_checkpoint(ckpt: dict, teacher: str, source: str = "checkpoint"
 
     adaptors = read_adaptors(ckpt)
     if not adaptors:
-        raise ValueError(
-            f"{source} has no adaptors (trained without distillation, or exported before exports kept the "
-            "ladder); load it without adaptor= for the backbone"
-        )
+        raise ValueError(f"{source} has no adaptors ({why_no_adaptors(ckpt)}); load it without adaptor= for the "
+                         "backbone")
     names = list(adaptors["teachers"])
     name = _resolve(teacher, names)
     if name is None:

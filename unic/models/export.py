@@ -75,12 +75,12 @@ def adaptors_state(ladder: nn.Module, standardizer: nn.Module, num_blocks: int, 
             stats[name][f"{ttype}_mean"] = mean.detach().float().cpu().clone()
             stats[name][f"{ttype}_std"] = std.detach().float().cpu().clone()
     widths = [int(p[0].out_features) for p in next(iter(ladder.projectors.values()))["cls"]]
-    return _layout(teachers, stats, list(ladder.blocks), num_blocks, last_tap, widths, hidden_dim,
+    return adaptors_layout(teachers, stats, list(ladder.blocks), num_blocks, last_tap, widths, hidden_dim,
                    _cpu_state(ladder), standardizer.eps)
 
 
-def _layout(teachers: dict, stats: dict, blocks: list[int], num_blocks: int, last_tap: str, widths: list[int],
-            hidden_dim: int | None, ladder_state: dict, eps: float) -> dict:
+def adaptors_layout(teachers: dict, stats: dict, blocks: list[int], num_blocks: int, last_tap: str,
+                    widths: list[int], hidden_dim: int | None, ladder_state: dict, eps: float) -> dict:
     """The ``adaptors`` entry; ``widths``: each selected block's projector width."""
     earlier = [w for b, w in zip(blocks, widths) if b != num_blocks - 1]
     return {
@@ -170,7 +170,33 @@ def backbone_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> nn.Modul
     model.pretrained_cfg = {**(model.pretrained_cfg or {}), "input_size": (3, img_size, img_size),
                             "mean": tuple(meta.get("mean", IMAGENET_MEAN)), "std": tuple(meta.get("std", IMAGENET_STD))}
     model.default_cfg = model.pretrained_cfg  # timm's older alias
+    set_pos_embed_rule(model, meta.get("pos_embed_rule", "timm"))
     return model.eval()
+
+
+def set_pos_embed_rule(model: nn.Module, rule: str) -> None:
+    """Make a ``dynamic_img_size`` timm ViT resample its position embedding at other input sizes with
+    ``rule`` (:mod:`teachers.pos_embed`) instead of timm's: a published UNIC student (DINOv2's code, 0.1
+    offset, no antialiasing: ``"dinov2"``) then gives its own code's tokens at ADE20K's 512 px too. ``"timm"``
+    leaves the model as it is."""
+    if rule == "timm":
+        return
+    import types
+
+    from teachers.pos_embed import resample_pos_embed
+
+    if not getattr(model, "dynamic_img_size", False) or model.reg_token is not None or model.no_embed_class:
+        raise ValueError(f"position-embedding rule {rule!r} needs a dynamic-size ViT with a cls token only")
+    resample_pos_embed(model.pos_embed, model.patch_embed.grid_size, rule, model.num_prefix_tokens)  # checks rule
+
+    def _pos_embed(self, x_BHWC: torch.Tensor) -> torch.Tensor:  # timm's, with the rule's resampling
+        B, H, W, C = x_BHWC.shape
+        pos_embed = resample_pos_embed(self.pos_embed, (H, W), rule, self.num_prefix_tokens)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x_BHWC.reshape(B, -1, C)], dim=1)
+        return self.pos_drop(x + pos_embed)
+
+    model._pos_embed = types.MethodType(_pos_embed, model)
+    model.unic_pos_embed_rule = rule
 
 
 def _linear(state: dict) -> nn.Linear:
@@ -236,7 +262,7 @@ def _train_adaptors(ckpt: dict) -> dict | None:
             raise ValueError(f"the checkpoint has a ladder but no teacher statistics for '{name}' "
                              "(its standardizer state is missing)") from None
     eps = signature(TeacherStandardizer).parameters["eps"].default  # not in its state dict
-    return _layout(teachers, stats, blocks, num_blocks, settings.get("last_tap", "normed"), widths,
+    return adaptors_layout(teachers, stats, blocks, num_blocks, settings.get("last_tap", "normed"), widths,
                    settings.get("hidden_dim"), ladder, eps)
 
 

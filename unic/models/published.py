@@ -260,7 +260,7 @@ def convert_unic(ckpt: dict, args: dict | None = None, source: str = "", rename_
     """A ``unic-student`` export of an official UNIC checkpoint (with ``"adaptors"`` when the ladder and the
     teacher statistics are there and exact in our layout; otherwise ``origin["adaptors"]`` says why not)."""
     from unic.config import IMAGENET_MEAN, IMAGENET_STD
-    from unic.models.export import FORMAT_VERSION, STUDENT_FORMAT
+    from unic.models.export import FORMAT_VERSION, STUDENT_FORMAT, adaptors_layout
 
     args = {**plain_args(ckpt.get("args") if "model" in ckpt else None), **(args or {})}
     state = _model_state(ckpt)
@@ -274,6 +274,8 @@ def convert_unic(ckpt: dict, args: dict | None = None, source: str = "", rename_
         "arch": meta["arch"], "model_kwargs": meta["model_kwargs"], "img_size": meta["img_size"],
         # UNIC's main_unic.py normalises with ImageNet's statistics
         "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "origin": origin,
+        # its DINOv2 code resamples the position embedding with a 0.1 offset and no antialiasing
+        "pos_embed_rule": "dinov2",
     }
     ladder, why = unic_ladder({k[len("lp."):]: v for k, v in state.items() if k.startswith("lp.")},
                               meta["depth"], args, rename)
@@ -292,16 +294,13 @@ def convert_unic(ckpt: dict, args: dict | None = None, source: str = "", rename_
         origin["adaptors"] = f"omitted: {why}"
         return out
     origin["teacher_names"] = {ours: official for official, ours in rename.items() if ours in ladder["teachers"]}
-    out["adaptors"] = {
-        "version": 1,
-        "teachers": {name: {"dim": dim} for name, dim in ladder["teachers"].items()},
-        "blocks": ladder["blocks"], "num_blocks": meta["depth"],
-        "last_tap": "raw",  # UNIC's projectors read the raw output of every block, the last one too
-        "hidden_dim": ladder["hidden_dim"], "last_hidden_dim": ladder["last_hidden_dim"],
-        "ladder": ladder["ladder"],
-        "stats": {name: stats[name] for name in ladder["teachers"]},
-        "eps": UNIC_STD_EPS,
-    }
+    last = meta["depth"] - 1
+    out["adaptors"] = adaptors_layout(
+        {name: {"dim": dim} for name, dim in ladder["teachers"].items()},
+        {name: stats[name] for name in ladder["teachers"]}, ladder["blocks"], meta["depth"],
+        "raw",  # UNIC's projectors read the raw output of every block, the last one too
+        [ladder["last_hidden_dim"] if b == last else ladder["hidden_dim"] for b in ladder["blocks"]],
+        ladder["hidden_dim"], ladder["ladder"], UNIC_STD_EPS)
     return out
 
 
