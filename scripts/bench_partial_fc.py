@@ -6,9 +6,9 @@
 One rank of a ``--world-size`` job is simulated by its class shard (rank 0, the largest): the step is this
 rank's work (forward, backward and AdamW on the global batch against its sampled classes), without the
 collectives. The full head is the replicated head of plain data parallelism on the same global batch
-(skipped above ``--max-full-classes``). Memory: centres + AdamW state per rank (exact bytes), the (G, N)
+(skipped above ``--max-full-classes``). Memory: centres, their gradient and AdamW state per rank (exact bytes), the (G, N)
 logits of one step (G = global batch, N = expected sampled classes of the shard) and, on CUDA, the measured
-peak. Also prints the per-rank memory table for 316k and 2M classes (512-d, fp32 + AdamW) on 1/8/64 ranks.
+peak. Also prints the per-rank memory table for 316k and 2M classes (512-d, fp32 centres, gradient and AdamW) on 1/8/64 ranks.
 Writes everything to ``--output`` (JSON).
 """
 
@@ -79,7 +79,7 @@ def bench_one(kind: str, classes: int, args, device: torch.device) -> dict:
         "kind": kind, "classes": classes, "ranks": args.world_size if kind == "partial_fc" else 1,
         "step_s": seconds, "images_per_s": args.batch / seconds,
         "centres_gb": memory["centres"] / GB, "adamw_gb": memory["optimizer"] / GB,
-        "centres_adamw_gb": memory["total"] / GB, "logits_gb": memory["logits"] / GB,
+        "centres_grad_adamw_gb": memory["total"] / GB, "logits_gb": memory["logits"] / GB,
     }
     if device.type == "cuda":
         result["peak_gb"] = torch.cuda.max_memory_allocated(device) / GB
@@ -87,12 +87,12 @@ def bench_one(kind: str, classes: int, args, device: torch.device) -> dict:
 
 
 def memory_table(batch: int, rate: float) -> list[dict]:
-    """Per-rank GB of 512-d fp32 centres + AdamW (and one step's logits) for the README."""
+    """Per-rank GB of 512-d fp32 centres, gradient and AdamW (and one step's logits) for the README."""
     rows = []
     for classes in TABLE_CLASSES:
         for ranks in TABLE_RANKS:
             memory = memory_bytes(classes, TABLE_DIM, ranks, 1, batch, rate)
-            rows.append({"classes": classes, "ranks": ranks, "centres_adamw_gb": memory["total"] / GB,
+            rows.append({"classes": classes, "ranks": ranks, "centres_grad_adamw_gb": memory["total"] / GB,
                          "logits_gb": memory["logits"] / GB})
     return rows
 
@@ -124,14 +124,14 @@ def main(argv: list[str] | None = None) -> int:
             results.append(r)
             peak = f", peak {r['peak_gb']:.2f} GB" if "peak_gb" in r else ""
             print(f"{kind:>10} C={classes:>9,} ranks={r['ranks']:>3}: {r['step_s'] * 1e3:8.1f} ms/step "
-                  f"({r['images_per_s']:8.0f} img/s) | per rank: centres+AdamW {r['centres_adamw_gb']:.3f} GB, "
+                  f"({r['images_per_s']:8.0f} img/s) | per rank: centres+grad+AdamW {r['centres_grad_adamw_gb']:.3f} GB, "
                   f"logits {r['logits_gb']:.3f} GB{peak}")
     table = memory_table(args.batch, args.rate)
-    print(f"\nper-rank memory, {TABLE_DIM}-d fp32 centres + AdamW (logits: global batch {args.batch}, rate {args.rate})")
-    print("| classes | ranks | centres + AdamW (GB) | logits (GB) |")
+    print(f"\nper-rank memory, {TABLE_DIM}-d fp32 centres + gradient + AdamW (logits: global batch {args.batch}, rate {args.rate})")
+    print("| classes | ranks | centres + gradient + AdamW (GB) | logits (GB) |")
     print("|---:|---:|---:|---:|")
     for row in table:
-        print(f"| {row['classes']:,} | {row['ranks']} | {row['centres_adamw_gb']:.3f} | {row['logits_gb']:.4f} |")
+        print(f"| {row['classes']:,} | {row['ranks']} | {row['centres_grad_adamw_gb']:.3f} | {row['logits_gb']:.4f} |")
     write_json(args.output, {"device": str(device), "device_name": name, "args": vars(args), "results": results,
                              "memory_table": table})
     print(f"wrote {args.output}")

@@ -41,7 +41,11 @@ if [[ -z "${SLURM_JOB_ID:-}" || -z "${SLURM_JOB_NODELIST:-}" ]]; then
     exit 2
 fi
 NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
-RDZV_HOST=${RDZV_HOST:-$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)}
+if [[ -z "${RDZV_HOST:-}" ]]; then
+    # the whole list is read (a `| head -n 1` would SIGPIPE scontrol on large jobs: exit 141 under pipefail)
+    hosts=$(scontrol show hostnames "${SLURM_JOB_NODELIST}")
+    RDZV_HOST=${hosts%%$'\n'*}
+fi
 RDZV_PORT=${RDZV_PORT:-$((20000 + SLURM_JOB_ID % 10000))}  # one per job, below Linux's ephemeral ports
 NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-1}}}
 NPROC_PER_NODE=${NPROC_PER_NODE##*:}  # SLURM_GPUS_PER_NODE may read "a100:8"
@@ -49,6 +53,8 @@ NPROC_PER_NODE=${NPROC_PER_NODE##*:}  # SLURM_GPUS_PER_NODE may read "a100:8"
 # job (torchrun restarts after a failure) never receives the new master address
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 # after SIGTERM the workers finish a step and write the checkpoint before torchrun may kill them
+# (read by torchrun since 2026's torch; older torchrun kills them 30 s after SIGTERM: keep checkpoints small
+# enough to write in that time, or set train.save_every so that little is lost)
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-240}
 
 cmd=(srun --nodes="${NNODES}" --ntasks-per-node=1 --kill-on-bad-exit=1)

@@ -426,37 +426,22 @@ def optimizer_state_dict(optimizer: torch.optim.Optimizer, module: nn.Module) ->
     return state
 
 
-def grad_norm(params: list[torch.Tensor], sharded: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """Total gradient norm of ``params`` where those in ``sharded`` hold one rank's rows of a larger
-    tensor: their squares are summed over ranks (one all-reduce), so every rank gets the same norm."""
-    sharded_ids = {id(p) for p in sharded or []}
-    device = next((p.grad.device for p in params if p.grad is not None), torch.device("cpu"))
-    replicated, split = torch.zeros((), device=device), torch.zeros((), device=device)
-    for p in params:
-        if p.grad is None:
-            continue
-        square = p.grad.detach().float().square().sum()
-        if id(p) in sharded_ids:
-            split = split + square
-        else:
-            replicated = replicated + square
-    return torch.sqrt(replicated + distributed.all_reduce_sum(split))
-
-
 # ---------------------------------------------------------------- memory
 
 
 def memory_bytes(num_classes: int, embed_dim: int, world_size: int = 1, k: int = 1, global_batch: int = 0,
                  sample_rate: float = 1.0, bytes_per_value: int = 4, optimizer_copies: int = 2) -> dict[str, float]:
-    """Per-rank bytes of the largest shard: centres, their optimizer state (AdamW: 2 copies) and, for
-    ``global_batch`` rows, one (G, N*k) float32 logits/cosine matrix at the expected sampled classes."""
+    """Per-rank bytes of the largest shard: centres, their gradient (dense over the whole shard, also at
+    rate < 1), their optimizer state (AdamW: 2 copies) and, for ``global_batch`` rows, one (G, N*k) float32
+    logits/cosine matrix at the expected sampled classes."""
     shard = shard_range(num_classes, 0, world_size)
     rows = (shard[1] - shard[0]) * k
     centres = rows * embed_dim * bytes_per_value
     sampled_rows = min(rows, math.ceil(sample_rate * rows))
     return {
         "centres": float(centres),
+        "gradients": float(centres),
         "optimizer": float(optimizer_copies * centres),
-        "total": float((1 + optimizer_copies) * centres),
+        "total": float((2 + optimizer_copies) * centres),
         "logits": float(global_batch * sampled_rows * 4),
     }

@@ -31,9 +31,10 @@ import torch
 from teachers import TeacherWeightsError
 from unic import distributed
 from unic.cli import parse
-from unic.config import DEMO_CONFIG, ConfigError, UnicConfig
+from unic.config import DEMO_CONFIG, ConfigError, UnicConfig, unifex_enabled
 from unic.data.uned import DataFormatError
 from unic.io import CheckpointFormatError
+from unic.train.build import input_spec
 
 # dense bf16/fp16 tensor-core peaks (TFLOP/s) used for MFU; override with --peak_tflops
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -83,14 +84,14 @@ def measure_data(trainer, args) -> dict:
         batches.close()
     images_per_s = images * trainer.world / elapsed  # every rank loads its share at the same rate
     return {"device": str(trainer.device), "world_size": trainer.world, "data": trainer.cfg.data.dataset,
-            "img_size": trainer.cfg.student.img_size, "batch_per_device": trainer.batch_per_gpu,
+            "img_size": input_spec(trainer.cfg)[0], "batch_per_device": trainer.batch_per_gpu,
             "num_workers": trainer.cfg.data.num_workers, "steps_timed": args.steps,
             "loader_images_per_s": images_per_s, "loader_images_per_s_per_device": images_per_s / trainer.world}
 
 
 def make_baseline(trainer) -> None:
     """Turn the built trainer's fast-path features off (:data:`BASELINE`); the weights stay as they are."""
-    ladder = trainer.model.ladder
+    ladder = getattr(trainer.model, "ladder", None)  # UniFEx's model has none
     if ladder is not None:
         ladder.batched = False
         plain_forward = ladder.forward
@@ -157,9 +158,9 @@ def report(trainer, args, timing: dict) -> dict:
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "world_size": trainer.world,
-        "student": cfg.student.arch,
-        "teachers": list(cfg.teachers.names),
-        "img_size": cfg.student.img_size,
+        "student": cfg.unifex.backbone if unifex_enabled(cfg) else cfg.student.arch,
+        "teachers": [] if unifex_enabled(cfg) else list(cfg.teachers.names),
+        "img_size": input_spec(cfg)[0],
         "batch_per_device": trainer.batch_per_gpu,
         "precision": trainer.precision,
         "steps_timed": args.steps,
