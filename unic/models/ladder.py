@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -98,7 +100,9 @@ class Ladder(nn.Module):
             for name in names:
                 seconds = [proj[2] for proj in self.projectors[name][ttype]]
                 weight = torch.cat([layer.weight for layer in seconds], dim=1)  # (D_t, sum of hidden widths)
-                bias = torch.stack([layer.bias for layer in seconds]).sum(0)
+                # added one by one: a stacked sum would hand every bias a view of one gradient tensor, which
+                # in-place clipping (or unscaling) would then scale once per bias
+                bias = functools.reduce(torch.add, [layer.bias for layer in seconds])
                 out[name][ttype] = F.linear(torch.cat(hidden[name], dim=-1), weight, bias)
         return out
 

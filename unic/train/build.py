@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from unic import distributed
@@ -192,6 +192,10 @@ def build_backbone(cfg: DictConfig, load_pretrained: bool = True) -> nn.Module:
 
         state = open_checkpoint(cfg.student.pretrained)  # ours, a timm file, or a published UNIC checkpoint
         load_into(backbone, backbone_state_dict(state), "timm", cfg.student.pretrained)
+    if OmegaConf.select(cfg, "train.activation_checkpointing", default=False):
+        # timm's forward_intermediates (the ladder's taps) and forward_features honour it: each block runs
+        # under torch.utils.checkpoint (non-reentrant, RNG state preserved: stochastic depth recomputes alike)
+        backbone.set_grad_checkpointing(True)
     if final_norm_frozen(cfg):
         # UNIC: the ladder reads the raw last block, so the final norm takes no part in training and keeps
         # its initial (identity, or pretrained) affine; DDP needs it out of the trainable set
@@ -312,7 +316,8 @@ def build_model(cfg: DictConfig, train_set: ImageListDataset, device: torch.devi
         teachers.to(device)
         standardizer = TeacherStandardizer({n: t.embed_dim for n, t in teachers.items()}).to(device)
     model = UnicModel(backbone, ladder, universal, cfg.ladder.last_tap).to(device)
-    if cfg.train.compile and compile_unavailable(cfg, device) is None:
+    # fsdp: refused by the schema check (a compiled __call__ would trace FSDP's hooks)
+    if cfg.train.compile and cfg.train.parallelism == "ddp" and compile_unavailable(cfg, device) is None:
         model.compile()  # compiles UnicModel.__call__ in place: state dict keys unchanged
     return ModelParts(model, teachers, standardizer, domain_heads, label_maps)
 
@@ -334,6 +339,62 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def fsdp_units(model: UnicModel) -> list[nn.Module]:
+    """The modules ``train.parallelism=fsdp`` shards as units, innermost first: each student block, the
+    backbone (patch embedding, tokens, final norm), the ladder, the universal projection; the root follows."""
+    units = list(model.backbone.blocks) + [model.backbone]
+    return units + [m for m in (model.ladder, model.udon.universal) if m is not None]
+
+
+def wrap_fsdp(model: UnicModel, device: torch.device, precision: str) -> nn.Module:
+    """``model`` sharded in place with FSDP2 (``fully_shard``) over every process: weights, gradients and the
+    optimizer state built on them become DTensor shards, all-gathered per unit for its forward and backward
+    and reduce-scattered (averaged, as DDP) after it. ``precision`` bf16 gathers the weights in bf16 and
+    reduces the gradients in fp32 (``MixedPrecisionPolicy``); fp32 keeps everything in fp32. The backbone's
+    ``forward_intermediates`` / ``forward_features`` (the ladder's taps, the kNN features) are registered as
+    forward methods so that calling them directly gathers the backbone's own weights."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    mesh = init_device_mesh(device.type, (distributed.get_world_size(),))
+    low = distributed.AUTOCAST_DTYPES[precision]
+    policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32) if low is not None \
+        else MixedPrecisionPolicy()
+    for unit in fsdp_units(model):
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
+    for method in ("forward_intermediates", "forward_features"):
+        register_fsdp_forward_method(model.backbone, method)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def wrap_model(cfg: DictConfig, model: nn.Module, device: torch.device, precision: str) -> nn.Module:
+    """The trainable model as ``train.parallelism`` distributes it over more than one process: DDP, or FSDP2
+    (sharded in place; the module itself is returned). One process: the model as it is."""
+    if distributed.get_world_size() > 1 and cfg.train.parallelism == "fsdp":
+        return wrap_fsdp(model, device, precision)
+    return wrap_ddp(model, device)
+
+
+def unsharded_model(cfg: DictConfig, parts: ModelParts, state: dict, device: torch.device) -> UnicModel:
+    """A plain (unsharded) UnicModel of ``parts.model``'s architecture holding ``state`` (its full state dict,
+    :func:`unic.train.checkpoint.full_model_state`), in eval mode: what the exports and the validation of an
+    FSDP run read (built on the meta device, then given the state's tensors)."""
+    with torch.device("meta"):
+        backbone = build_backbone(cfg, load_pretrained=False)
+        teachers = parts.teachers
+        ladder = build_ladder(cfg, backbone, {n: t.embed_dim for n, t in teachers.items()}) \
+            if parts.model.ladder is not None else None
+        universal = nn.Linear(backbone.embed_dim, cfg.udon.universal_dim) \
+            if parts.model.udon.universal is not None else None
+        model = UnicModel(backbone, ladder, universal, cfg.ladder.last_tap)
+    model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True, assign=True)
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"unsharded model: no value for {left[:3]}")
+    return model.eval()
 
 
 # ------------------------------------------------------------------------------------------------ data order

@@ -84,3 +84,76 @@ def prune_periodic(output_dir: str, keep: int) -> None:
                    key=lambda p: int(re.findall(r"step(\d+)", p)[-1]))
     for old in files[: max(len(files) - keep, 0)]:
         os.remove(old)
+
+
+# ------------------------------------------------------------------------------------------------ FSDP
+# An FSDP run (train.parallelism=fsdp) writes the same checkpoint as a DDP one: its model and optimizer state are
+# gathered into full (unsharded) tensors with torch.distributed.checkpoint.state_dict, so a checkpoint resumes
+# under either engine and on any number of processes.
+
+
+def _full_options(cpu_offload: bool, strict: bool = True):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload, strict=strict)
+
+
+def full_model_state(model: torch.nn.Module, everywhere: bool = False) -> dict:
+    """The full state dict of a sharded ``model`` (collective): on rank 0 only, on the CPU; with
+    ``everywhere``, on every rank and on the model's device (what a per-rank unsharded copy needs)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_full_options(cpu_offload=not everywhere))
+
+
+def load_full_model_state(model: torch.nn.Module, state: dict) -> None:
+    """Load a full state dict (every rank holds it) into a sharded ``model``, each rank keeping its shards."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(model, dict(state), options=_full_options(cpu_offload=False))  # it rewrites the dict
+
+
+def _param_names(modules: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The qualified name in ``modules`` of every optimizer parameter, in the optimizer's order (the
+    integer ids of ``optimizer.state_dict()``)."""
+    names = {id(p): name for name, p in modules.named_parameters()}
+    missing = [i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"]) if id(p) not in names]
+    if missing:
+        raise ValueError(f"optimizer parameters {missing[:5]} are not in the trained modules")
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def full_optimizer_state(modules: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """``optimizer.state_dict()``'s layout (state by integer id, param groups) with every sharded state tensor
+    gathered in full (collective; complete on rank 0, CPU tensors). ``modules`` holds every optimizer parameter
+    (the sharded model and the replicated heads), whose names key the gathered state."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    local = optimizer.state_dict()
+    if not optimizer.state:  # nothing to gather (torch would take a zero-lr step to create the state)
+        return local
+    full = get_optimizer_state_dict(modules, optimizer, options=_full_options(cpu_offload=True))
+    by_name = full.get("state", {})
+    state = {i: by_name[name] for i, name in enumerate(_param_names(modules, optimizer)) if name in by_name}
+    return {"state": state, "param_groups": local["param_groups"]}
+
+
+def load_full_optimizer_state(modules: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Load ``optimizer.state_dict()``-layout state of full tensors (every rank holds it) into the optimizer of
+    sharded parameters. Parameters without saved state (none yet when saved) are left without state."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    names = _param_names(modules, optimizer)
+    groups = saved["param_groups"]
+    if len(groups) != len(optimizer.param_groups) or \
+            [len(g["params"]) for g in groups] != [len(g["params"]) for g in optimizer.param_groups]:
+        raise ValueError("the checkpoint's optimizer has other parameter groups than this model's")
+    by_index = {int(i): v for i, v in saved["state"].items()}
+    state = {names[i]: value for i, value in by_index.items()}
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in groups]
+    set_optimizer_state_dict(modules, optimizer, {"state": state, "param_groups": groups},
+                             options=_full_options(cpu_offload=False, strict=False))
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for i, p in enumerate(params):  # torch creates a zero state for every parameter: the unsaved ones lose it
+        if i not in by_index:
+            optimizer.state.pop(p, None)

@@ -6,6 +6,7 @@ The run's parts come from the builders of :mod:`unic.train.build`, validation fr
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import resource
@@ -26,7 +27,7 @@ from unic.models.unifex import average_gradients
 from unic.train import checkpoint as ckpt_lib
 from unic.train import provenance, report
 from unic.train.build import (build_batches, build_datasets, build_model, build_optimizer, build_schedules,
-                              build_task, check_teacher_weights, wrap_ddp)
+                              build_task, check_teacher_weights, unsharded_model, wrap_model)
 from unic.train.logger import MetricsWriter, setup_logging
 from unic.train.optim import apply_schedules, clip_gradients
 from unic.train.plan import skipped_features
@@ -72,6 +73,37 @@ def _is_timeout(err: BaseException) -> bool:
     return "timed out" in text or "timeout" in text
 
 
+def clip_sharded_gradients(params: list[torch.Tensor], max_norm: float, mode: str = "global",
+                           sharded: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """:func:`unic.train.optim.clip_gradients` where some parameters are FSDP's DTensor shards: their norms
+    are those of the full tensors (torch's DTensor reductions), combined with the other parameters' (the
+    replicated heads) into the same total on every rank; ``global`` scales all gradients by one coefficient
+    (``clip_grads_with_norm_``), ``per_param`` each parameter by its own full norm, as UNIC."""
+    from torch.distributed.tensor import DTensor
+
+    shards = [p for p in params if isinstance(p, DTensor)]
+    plain = [p for p in params if not isinstance(p, DTensor)]
+    if mode not in ("global", "per_param"):
+        raise ValueError(f"clip mode must be 'global' or 'per_param', got {mode!r}")
+    device = (shards or plain)[0].grad.device if shards or plain else torch.device("cpu")
+    if mode == "global":  # one reduction over every shard (clip_grad_norm_'s), then the rest's norm
+        norms = [torch.nn.utils.get_total_norm([p.grad for p in shards]).full_tensor()] if shards else []
+        rest = clip_gradients(plain, 0.0, mode, sharded).to(device) if plain else torch.zeros((), device=device)
+        total = torch.linalg.vector_norm(torch.stack([*norms, rest]))
+        if max_norm > 0:
+            for group in (shards, plain):
+                if group:
+                    torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+        return total
+    # per_param: each shard's full norm (one small reduction per parameter)
+    norms = [n.full_tensor() for n in torch._foreach_norm([p.grad for p in shards])] if shards else []
+    rest = clip_gradients(plain, max_norm, mode, sharded).to(device) if plain else torch.zeros((), device=device)
+    if max_norm > 0:
+        for p, norm in zip(shards, norms):
+            p.grad.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0))
+    return torch.linalg.vector_norm(torch.stack([*norms, rest]))
+
+
 class Trainer:
     """Owns the run's state; ``train()`` runs it to the end (or ``train.max_steps``)."""
 
@@ -111,7 +143,13 @@ class Trainer:
         self.domains = list(self.train_set.domain_names)
         # a different RNG stream per rank from here on (stochastic depth), identical weights above
         torch.manual_seed(cfg.run.seed + 1000 * self.rank)
-        self.ddp_model = wrap_ddp(self.model, self.device)
+        # fsdp: the model's weights become shards in place (self.ddp_model is self.model); one process: plain
+        self.fsdp = cfg.train.parallelism == "fsdp" and self.world > 1
+        self.ddp_model = wrap_model(cfg, self.model, self.device, self.precision)
+        if cfg.train.parallelism == "fsdp" and not self.fsdp:
+            logger.info("train.parallelism=fsdp on one process: nothing to shard, the model trains as it is")
+        # every optimizer parameter under one name space (the gathered optimizer state of an FSDP run)
+        self.trained_modules = torch.nn.ModuleDict({"model": self.model, **self.heads})
         self.batches = build_batches(cfg, self.train_set, self.global_batch, self.device)
         self.steps_per_epoch = len(self.train_set) // self.global_batch
         self.schedules = build_schedules(cfg, self.global_batch, self.steps_per_epoch)
@@ -249,7 +287,8 @@ class Trainer:
     def model_state(self) -> dict:
         """Trainable state under one key space: backbone.*, ladder.*, udon.* (universal and domain heads);
         UniFEx: backbone.model.* (frozen weights included), neck.*, unifex.head.*."""
-        state = dict(self.model.state_dict())
+        # fsdp: gathered in full on rank 0 (collective; {} elsewhere, where nothing is written)
+        state = ckpt_lib.full_model_state(self.model) if self.fsdp else dict(self.model.state_dict())
         if self.domain_heads is not None:
             state.update({f"udon.{k}": v for k, v in self.domain_heads.state_dict().items()})
         if self.unifex_head is not None:
@@ -265,7 +304,8 @@ class Trainer:
             "step": self.step,
             "model": self.model_state(),
             # sharded centres and their optimizer state gathered in class order (loads on any world size)
-            "optimizer": optimizer_state_dict(self.optimizer, self.heads),
+            "optimizer": (ckpt_lib.full_optimizer_state(self.trained_modules, self.optimizer) if self.fsdp
+                          else optimizer_state_dict(self.optimizer, self.heads)),
             "partial_fc": full_state(self.heads, self.optimizer),
             "scaler": self.scaler.state_dict(),
             "standardizer": self.parts.standardizer.state_dict() if self.parts.standardizer is not None else {},
@@ -331,14 +371,21 @@ class Trainer:
         heads_prefix = ("udon.teacher_heads.", "udon.teacher_classifiers.", "udon.universal_classifiers.",
                         UNIFEX_HEAD)
         try:
-            self.model.load_state_dict({k: v for k, v in model.items() if not k.startswith(heads_prefix)})
+            own = {k: v for k, v in model.items() if not k.startswith(heads_prefix)}
+            if self.fsdp:  # each rank keeps its shards of the full tensors (written by ddp or fsdp alike)
+                ckpt_lib.load_full_model_state(self.model, own)
+            else:
+                self.model.load_state_dict(own)
             if self.domain_heads is not None:
                 self.domain_heads.load_state_dict(
                     {k[len("udon."):]: v for k, v in model.items() if k.startswith(heads_prefix[:3])})
             if self.unifex_head is not None:
                 self.unifex_head.load_state_dict(
                     {k[len(UNIFEX_HEAD):]: v for k, v in model.items() if k.startswith(UNIFEX_HEAD)})
-            self.optimizer.load_state_dict(state["optimizer"])
+            if self.fsdp:
+                ckpt_lib.load_full_optimizer_state(self.trained_modules, self.optimizer, state["optimizer"])
+            else:
+                self.optimizer.load_state_dict(state["optimizer"])
             load_full_state(self.heads, self.optimizer, state.get("partial_fc") or {})
         except (RuntimeError, ValueError, KeyError) as err:
             raise CheckpointFormatError(
@@ -372,16 +419,37 @@ class Trainer:
                 save_checkpoint(unifex_export(self.model, self.domains, self.parts.merged_labels.num_classes), path)
             return [path]
         paths = [os.path.join(self.output_dir, "student.pth")]
-        if self.rank == 0:
-            save_checkpoint(student_export(self.model.backbone, self.cfg, self.model.ladder, self.parts.standardizer),
-                            paths[0])
         if self.udon:
             paths.append(os.path.join(self.output_dir, "universal.pth"))
-            if self.rank == 0:
-                save_checkpoint(universal_export(self.model.backbone, self.cfg, self.model.udon.universal,
-                                                 self.domain_heads.teacher_heads, self.domains, self.model.ladder,
+        model = self.model
+        if self.fsdp:  # collective: the full weights gathered on rank 0, exported from a plain copy there
+            state = ckpt_lib.full_model_state(self.model)
+            if self.rank != 0:
+                return paths
+            model = unsharded_model(self.cfg, self.parts, state, torch.device("cpu"))
+        if self.rank == 0:
+            save_checkpoint(student_export(model.backbone, self.cfg, model.ladder, self.parts.standardizer), paths[0])
+            if self.udon:
+                save_checkpoint(universal_export(model.backbone, self.cfg, model.udon.universal,
+                                                 self.domain_heads.teacher_heads, self.domains, model.ladder,
                                                  self.parts.standardizer), paths[1])
         return paths
+
+    def validate(self, step: int) -> None:
+        """The validator's metrics at ``step``. FSDP: every rank scores a plain copy of the full weights (its
+        shard of the val set may hold fewer batches than another's: a sharded forward would wait for them)."""
+        if not self.fsdp:
+            self.validator.validate(step)
+            return
+        parts = self.validator.parts
+        copy = unsharded_model(self.cfg, self.parts, ckpt_lib.full_model_state(self.model, everywhere=True),
+                               self.device)
+        self.validator.parts = dataclasses.replace(parts, model=copy)
+        try:
+            self.validator.validate(step)
+        finally:
+            self.validator.parts = parts
+            del copy
 
     # ------------------------------------------------------------------ loop
     def autocast(self):
@@ -426,7 +494,8 @@ class Trainer:
                 p.grad = None
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        out["grad_norm"] = clip_gradients(params, cfg.optim.clip_grad, cfg.optim.clip_mode, self.sharded)
+        clip = clip_sharded_gradients if self.fsdp else clip_gradients
+        out["grad_norm"] = clip(params, cfg.optim.clip_grad, cfg.optim.clip_mode, self.sharded)
         bad = ~torch.isfinite(out["loss"].detach())
         if not self.scaler.is_enabled():  # with fp16 the scaler itself skips steps with inf gradients
             bad |= ~torch.isfinite(out["grad_norm"])
@@ -478,7 +547,7 @@ class Trainer:
         cfg = self.cfg
         self._training = True
         if self.step == 0 and self.validator.should_validate(0):
-            self.validator.validate(0)
+            self.validate(0)
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
         window_steps, window_start, data_time = 0, time.perf_counter(), 0.0
@@ -528,7 +597,7 @@ class Trainer:
                 if cfg.train.save_every and self.step % cfg.train.save_every == 0 and healthy:
                     self.save(periodic=True)
                 if self.validator.should_validate(self.step):
-                    self.validator.validate(self.step)
+                    self.validate(self.step)
                 if self.step % self.steps_per_epoch == 0:
                     if healthy:
                         self.save()

@@ -69,8 +69,10 @@ def _flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def _saved_bytes(fn, exclude: list[torch.Tensor]) -> int:
-    """Bytes of the tensors autograd saves for backward while ``fn`` runs (parameters excluded)."""
+def _saved_bytes(fn, exclude: list[torch.Tensor], checkpointed: list[nn.Module] = ()) -> int:
+    """Bytes of the tensors autograd saves for backward while ``fn`` runs (parameters excluded). The inputs of
+    the ``checkpointed`` modules (run under torch.utils.checkpoint, which keeps them for the recomputation
+    instead of saving what the module computes) are counted as saved."""
     skip = {t.untyped_storage()._cdata for t in exclude}
     seen: dict[int, int] = {}
 
@@ -80,9 +82,51 @@ def _saved_bytes(fn, exclude: list[torch.Tensor]) -> int:
             seen[key] = t.untyped_storage().nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
+    def keep_input(module, args) -> None:  # noqa: ARG001
+        pack(args[0])
+
+    handles = [m.register_forward_pre_hook(keep_input) for m in checkpointed]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+    finally:
+        for handle in handles:
+            handle.remove()
     return sum(seen.values())
+
+
+def _memory_gb(trainable: int, frozen: int, units: list[int], teachers: int, act: int, recompute: int,
+               per_gpu: int, world_size: int, precision: str, parallelism: str) -> dict:
+    """The GPU memory estimate of one process (GB) under ``parallelism`` (ddp | fsdp): ``trainable`` /
+    ``frozen`` parameters of the trained model, ``units`` the parameters of each FSDP unit, ``teachers`` the
+    frozen teachers' parameters, ``act`` the bytes saved for backward per image and ``recompute`` those of
+    one checkpointed block recomputed in backward (0 without activation checkpointing)."""
+    low_precision = precision in ("bf16", "fp16")
+    fsdp = parallelism == "fsdp"
+    shards = world_size if fsdp else 1
+    memory = {
+        "trainable_params": trainable,
+        # fp32 weights, gradients and AdamW moments; fsdp: each process holds 1 / world size of them
+        "weights_grads_adamw_gb": trainable * ADAMW_BYTES_PER_PARAM / shards / 2**30,
+        # DDP's gradient buckets (a second fp32 gradient copy) on more than one process
+        "ddp_buckets_gb": trainable * 4 / 2**30 if world_size > 1 and not fsdp else 0.0,
+        # autocast's low-precision copies of the trained weights, cached for the forward and backward (the
+        # teachers run in inference mode: their casts are not cached); fsdp gathers them in bf16 instead
+        "autocast_weight_copies_gb": trainable * 2 / 2**30 if low_precision and not fsdp else 0.0,
+        "teachers_gb": teachers * 4 / 2**30,
+        "activations_per_image_mb": act / 2**20,
+        "activations_gb": (act * per_gpu + recompute * per_gpu) / 2**30,
+    }
+    if fsdp:
+        # the frozen weights' shards, and the two largest units gathered at once (one computing, the next
+        # prefetched), each with its weights in the gathered dtype and its unsharded fp32 gradients
+        gathered = sum(sorted(units)[-2:]) * ((2 if low_precision else 4) + 4)
+        memory["frozen_shards_gb"] = frozen * 4 / shards / 2**30
+        memory["fsdp_gathered_gb"] = gathered / 2**30
+    else:
+        memory["frozen_gb"] = frozen * 4 / 2**30
+    memory["total_gb"] = sum(v for k, v in memory.items() if k.endswith("_gb"))
+    return memory
 
 
 def skipped_features(cfg: DictConfig, data_skips: list[dict] | None = None, device: torch.device | None = None) -> list[dict]:
@@ -288,30 +332,48 @@ def build_plan(cfg: DictConfig, world_size: int = 1, num_train_images: int | Non
     plan["flops_per_image"] = flops
     plan["tflops_per_step_per_gpu"] = flops["total"] * per_gpu / 1e12
 
-    # GPU memory per process: trainable state, frozen teachers, activations saved for backward
+    # GPU memory per process: trainable state, frozen teachers, activations saved for backward, for the run's
+    # settings and for each way of scaling out (ddp / fsdp, with and without activation checkpointing)
+    from unic.train.build import fsdp_units
+
     dtype = AUTOCAST_DTYPES[precision] or torch.float32
     model.to(dtype)  # meta tensors: nothing is allocated or converted
     act_images = images.to(dtype)
-    act = _saved_bytes(lambda: model(act_images), list(model.parameters())) // batch
-    trainable = _count(model, trainable_only=True)
-    low_precision = precision in ("bf16", "fp16")
-    memory = {
-        "trainable_params": trainable,
-        "weights_grads_adamw_gb": trainable * ADAMW_BYTES_PER_PARAM / 2**30,
-        # DDP's gradient buckets (a second fp32 gradient copy) on more than one process
-        "ddp_buckets_gb": trainable * 4 / 2**30 if world_size > 1 else 0.0,
-        # autocast's low-precision copies of the trained weights, cached for the forward and backward (the
-        # teachers run in inference mode: their casts are not cached)
-        "autocast_weight_copies_gb": trainable * 2 / 2**30 if low_precision else 0.0,
-        "teachers_gb": sum(_count(t) for t in teachers.values()) * 4 / 2**30,
-        "activations_per_image_mb": act / 2**20,
-        "activations_gb": act * per_gpu / 2**30,
-    }
-    memory["total_gb"] = sum(memory[k] for k in ("weights_grads_adamw_gb", "ddp_buckets_gb",
-                                                 "autocast_weight_copies_gb", "teachers_gb", "activations_gb"))
-    memory["note"] = ("estimate: fp32 trainable state with AdamW, DDP buckets, autocast weight copies, fp32 teacher "
-                      f"weights, and the tensors saved for backward by the model cast to {precision} with attention "
-                      "unfused; autocast keeps some of them (norm and softmax inputs) in fp32, flash attention "
+    params = list(model.parameters())
+    saved = {}
+    for checkpointing in (False, True):
+        backbone.set_grad_checkpointing(checkpointing)
+        blocks = list(backbone.blocks) if checkpointing else []
+        saved[checkpointing] = _saved_bytes(lambda: model(act_images), params, blocks) // batch
+    backbone.set_grad_checkpointing(bool(cfg.train.activation_checkpointing))
+    block = backbone.blocks[0]
+    tokens = torch.empty(batch, plan["student"]["tokens"], backbone.embed_dim, device="meta", dtype=dtype)
+    recompute = _saved_bytes(lambda: block(tokens), params) // batch  # one block's, while it is recomputed
+    trainable, frozen = _count(model, trainable_only=True), _count(model) - _count(model, trainable_only=True)
+    units, assigned = [], set()
+    for unit in fsdp_units(model):  # innermost first: each unit's own parameters, without its inner units'
+        own = [p for p in unit.parameters() if id(p) not in assigned]
+        assigned.update(id(p) for p in own)
+        units.append(sum(p.numel() for p in own))
+    teacher_params = sum(_count(t) for t in teachers.values())
+    options = {}
+    for parallelism in ("ddp", "fsdp"):
+        for checkpointing in (False, True):
+            name = parallelism + ("+ac" if checkpointing else "")
+            options[name] = _memory_gb(trainable, frozen, units, teacher_params, saved[checkpointing],
+                                       recompute if checkpointing else 0, per_gpu, world_size, precision,
+                                       parallelism)["total_gb"]
+    checkpointing = bool(cfg.train.activation_checkpointing)
+    memory = _memory_gb(trainable, frozen, units, teacher_params, saved[checkpointing],
+                        recompute if checkpointing else 0, per_gpu, world_size, precision, cfg.train.parallelism)
+    memory["parallelism"] = cfg.train.parallelism
+    memory["activation_checkpointing"] = checkpointing
+    memory["total_gb_by_setup"] = options  # ddp, ddp+ac, fsdp, fsdp+ac on this world size
+    memory["note"] = ("estimate: fp32 trainable state with AdamW (sharded over the processes with fsdp), DDP buckets, "
+                      "autocast weight copies (fsdp: the two largest units gathered in the compute dtype with their "
+                      f"fp32 gradients), fp32 teacher weights, and the tensors saved for backward by the model cast to "
+                      f"{precision} with attention unfused (activation checkpointing: the blocks' inputs and one block "
+                      "recomputed); autocast keeps some of them (norm and softmax inputs) in fp32, flash attention "
                       "saves less. Excludes the CUDA context, teacher activations (transient, inference mode) "
                       "and allocator slack")
     plan["memory_per_gpu"] = memory
@@ -407,12 +469,21 @@ def format_plan(plan: dict) -> str:
         f"schedule {steps}" + (f"; {images}" if images else ""),
         "flops    per image: " + ", ".join(f"{k} {flops_text(v)}" for k, v in fl.items())
         + f"; {flops_text(plan['tflops_per_step_per_gpu'] * 1e12)} per step per GPU",
-        f"memory   ~{gb_text(mem['total_gb'])} per GPU: trainable state {gb_text(mem['weights_grads_adamw_gb'])}, "
-        f"DDP buckets {gb_text(mem['ddp_buckets_gb'])}, autocast copies {gb_text(mem['autocast_weight_copies_gb'])}, "
+        f"memory   ~{gb_text(mem['total_gb'])} per GPU"
+        + (f" ({mem['parallelism']}{', activation checkpointing' if mem['activation_checkpointing'] else ''})"
+           if "parallelism" in mem else "")
+        + f": trainable state {gb_text(mem['weights_grads_adamw_gb'])}, "
+        + (f"FSDP gathered units {gb_text(mem['fsdp_gathered_gb'])}, " if "fsdp_gathered_gb" in mem
+           else f"DDP buckets {gb_text(mem['ddp_buckets_gb'])}, ")
+        + f"autocast copies {gb_text(mem['autocast_weight_copies_gb'])}, "
         + (f"frozen backbone {gb_text(mem['frozen_backbone_gb'])}, " if "frozen_backbone_gb" in mem
            else f"teachers {gb_text(mem['teachers_gb'])}, ")
         + f"activations {gb_text(mem['activations_gb'])} ({mem['activations_per_image_mb']:.1f} MB per image)",
     ]
+    if "total_gb_by_setup" in mem:
+        lines.append(f"scaling  per GPU on {plan['world_size']}: " + ", ".join(
+            f"{name} {gb_text(gb)}" for name, gb in mem["total_gb_by_setup"].items())
+            + " (train.parallelism, train.activation_checkpointing)")
     lines += [f"skipped  {item['feature']}: {item['reason']}" for item in plan.get("skipped", [])]
     return "\n".join(lines)
 
