@@ -346,16 +346,28 @@ def sharded_parameters(module: nn.Module) -> list[nn.Parameter]:
 
 
 def _gather_to_main(x: torch.Tensor) -> torch.Tensor | None:
-    """Rows of every rank's ``x`` concatenated in rank order, on rank 0 (CPU); None elsewhere."""
+    """Rows of every rank's ``x`` concatenated in rank order, on rank 0 (CPU); None elsewhere.
+
+    One shard at a time (point-to-point into one shard-sized buffer, then to the CPU): rank 0's device never
+    holds the full centres, which is the point of sharding them."""
     if not distributed.is_enabled():
         return x.detach().cpu().clone()
     sizes = _gather_sizes(x.shape[0], x.device)
-    padded = x.new_zeros((max(sizes), *x.shape[1:]))
-    padded[: x.shape[0]] = x.detach()
-    main = distributed.get_rank() == 0
-    parts = [torch.empty_like(padded) for _ in sizes] if main else None
-    dist.gather(padded, parts, dst=0)
-    return torch.cat([p[:n] for p, n in zip(parts, sizes)]).cpu() if main else None
+    if distributed.get_rank() != 0:
+        if x.shape[0]:
+            dist.send(x.detach().contiguous(), dst=0)
+        return None
+    full = torch.empty((sum(sizes), *x.shape[1:]), dtype=x.dtype)
+    full[: sizes[0]] = x.detach().cpu()
+    buffer = x.new_empty((max(sizes), *x.shape[1:]))
+    offset = sizes[0]
+    for src, rows in enumerate(sizes[1:], start=1):
+        if rows:
+            part = buffer[:rows]
+            dist.recv(part, src=src)
+            full[offset:offset + rows] = part.cpu()
+            offset += rows
+    return full
 
 
 def full_state(module: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:

@@ -83,8 +83,8 @@ class DomainHeads(nn.Module):
             offset += g.numel()
 
     def memory_report(self) -> dict[str, float]:
-        """MB per domain and per rank of weights + AdamW state (x3 in fp32), logged at start-up; Partial FC
-        counts the largest shard (rank 0's) of the centres."""
+        """MB per domain and per rank of weights, gradients and AdamW state (x4 in fp32), logged at start-up;
+        Partial FC counts the largest shard (rank 0's) of the centres."""
         report = {}
         for d in self.domains:
             modules = (self.teacher_heads[d], self.teacher_classifiers[d], self.universal_classifiers[d])
@@ -93,7 +93,7 @@ class DomainHeads(nn.Module):
                 if isinstance(m, PartialFC):
                     total += memory_bytes(m.num_classes, m.embed_dim, m.world_size, m.k)["total"]
                 else:
-                    total += 3 * sum(p.numel() * p.element_size() for p in m.parameters())
+                    total += 4 * sum(p.numel() * p.element_size() for p in m.parameters())
             report[d] = total / 2**20
         return report
 
