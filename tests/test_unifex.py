@@ -376,3 +376,33 @@ def test_udon_domain_heads_train_and_resume_with_partial_fc(tmp_path, demo_root)
                                            for d in ("gratings", "shapes")]
     assert state["partial_fc"]["udon.teacher_classifiers.shapes"]["weight"].shape == (8, 256)
     assert [r["step"] for r in _metrics(out)] == [2, 4]
+
+
+def test_bench_measures_the_recipe_and_its_baseline(merged_csv, vit_weights, tmp_path, capsys):
+    """bench_train.py on the UniFEx recipe: its steps get the merged labels the trainer gives them."""
+    import json
+
+    from unic.train.bench import main as bench_main
+
+    assert bench_main(["--warmup", "0", "--steps", "1", "--baseline",
+                       *unifex_overrides(merged_csv, str(tmp_path / "ignored"), vit_weights)]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out[out.rindex("\n{\n") + 1:])
+    assert result["fast"]["student"] == "timm:vit_tiny_patch16_224" and result["fast"]["img_size"] == 32
+    assert result["baseline"]["images_per_s"] > 0
+
+
+def test_trained_backbone_blocks_follow_the_scaled_cosine():
+    """With unifex.backbone_lr_scale the trained blocks' cosine is the head's scaled, floor included: it never
+    rises (the preset's floor optim.min_lr = 1e-3 is above 2e-2 * 0.01)."""
+    import numpy as np
+
+    from unic.train.build import build_schedules
+
+    cfg = load_config(PRESET, ["data.root=/nonexistent", "unifex.unfreeze_last_blocks=2",
+                               "unifex.backbone_lr_scale=0.01"])
+    schedules = build_schedules(cfg, 128, 100)
+    head, backbone = schedules.lr["unic"], schedules.lr["backbone"]
+    warm = round(cfg.optim.warmup_epochs * 100)
+    assert np.all(np.diff(backbone[warm:]) <= 0) and backbone[-1] < backbone[warm]
+    np.testing.assert_allclose(backbone, head * 0.01, rtol=1e-9)

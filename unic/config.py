@@ -534,14 +534,17 @@ def derived_schedule(cfg: DictConfig, global_batch: int, steps_per_epoch: int) -
     """The values the run derives from the config once, at setup: peak lrs, step counts, warm-up, freezing."""
     _, udon = objectives(cfg)
     lr = cfg.optim.lr * (global_batch / 256 if cfg.optim.scale_lr else 1.0)
-    backbone_lr = lr
+    backbone_lr, backbone_min_lr = lr, cfg.optim.min_lr
     if udon and cfg.udon.backbone_lr_scale is not None:
         backbone_lr = cfg.udon.head_lr * cfg.udon.backbone_lr_scale
     if unifex_enabled(cfg):  # neck and head at lr; the trained blocks (if any) at lr * scale (* layer decay)
         backbone_lr = lr * cfg.unifex.backbone_lr_scale
+        # the same cosine, scaled: a floor of optim.min_lr would lie above a small scaled peak (a rising lr)
+        backbone_min_lr = cfg.optim.min_lr * cfg.unifex.backbone_lr_scale
     total = cfg.optim.epochs * steps_per_epoch
     return {
-        "lr": lr, "backbone_lr": backbone_lr, "head_lr": cfg.udon.head_lr if udon else None,
+        "lr": lr, "backbone_lr": backbone_lr, "backbone_min_lr": backbone_min_lr,
+        "head_lr": cfg.udon.head_lr if udon else None,
         "total_steps": total, "run_steps": min(cfg.train.max_steps or total, total),
         "warmup_steps": min(round(cfg.optim.warmup_epochs * steps_per_epoch), total),
         "freeze_steps": round(cfg.udon.freeze_backbone_epochs * steps_per_epoch) if udon else 0,

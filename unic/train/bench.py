@@ -112,8 +112,7 @@ def prefetch(trainer, count: int) -> list:
     trainer.batches.start(0)
     for _ in range(min(count, trainer.steps_per_epoch)):
         domain, batch = trainer.batches.next()
-        labels = batch["label"].to(trainer.device) if domain is not None else None
-        batches.append((batch["image"].to(trainer.device), domain, labels))
+        batches.append((batch["image"].to(trainer.device), domain, trainer.batch_labels(domain, batch)))
     trainer.batches.close()
     return batches
 

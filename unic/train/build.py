@@ -458,7 +458,7 @@ def build_schedules(cfg: DictConfig, global_batch: int, steps_per_epoch: int) ->
     total, warmup = derived["total_steps"], derived["warmup_steps"]
     return Schedules(
         total, derived["run_steps"], derived["freeze_steps"], derived["lr"],
-        {"backbone": cosine_schedule(derived["backbone_lr"], cfg.optim.min_lr, total, warmup),
+        {"backbone": cosine_schedule(derived["backbone_lr"], derived["backbone_min_lr"], total, warmup),
          "unic": cosine_schedule(derived["lr"], cfg.optim.min_lr, total, warmup)},
         cosine_schedule(cfg.optim.weight_decay, cfg.optim.weight_decay_end, total),
     )

@@ -464,6 +464,14 @@ class Trainer:
                         self.domain_heads.universal_classifiers[domain_name]]
         return [b for m in modules if m is not None for b in m.buffers()]
 
+    def batch_labels(self, domain: int | None, batch: dict) -> torch.Tensor | None:
+        """The labels a step trains with, on the device: the drawn domain's (UDON), each image's row of the
+        merged label space (UniFEx, from its (domain, label)), or None (distillation alone)."""
+        if self.unifex:
+            return self.parts.merged_labels(batch["domain"].to(self.device, non_blocking=True),
+                                            batch["label"].to(self.device, non_blocking=True))
+        return batch["label"].to(self.device, non_blocking=True) if domain is not None else None
+
     def train_step(self, images: torch.Tensor, domain: int | None = None,
                    labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """One optimisation step. A non-finite loss or gradient on any rank skips the step on every rank
@@ -560,10 +568,7 @@ class Trainer:
                 data_time += time.perf_counter() - fetch_start
                 distributed.heartbeat(self.step)  # a rank stuck before this point is named as behind
                 images = batch["image"].to(self.device, non_blocking=True)
-                labels = batch["label"].to(self.device, non_blocking=True) if domain is not None else None
-                if self.unifex:  # (domain, raw label) of every image -> its row of the merged label space
-                    labels = self.parts.merged_labels(batch["domain"].to(self.device, non_blocking=True),
-                                                      batch["label"].to(self.device, non_blocking=True))
+                labels = self.batch_labels(domain, batch)
                 measure = (self.step + 1) % cfg.train.log_every == 0
                 out = self.train_step(images, domain, labels)
                 skipped = int(batch["skipped"].sum())  # a CPU tensor: no device sync
