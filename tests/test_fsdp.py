@@ -134,6 +134,7 @@ def test_every_ladder_parameter_gets_a_gradient_tensor_of_its_own():
     from unic.train.optim import clip_gradients
 
     model = _tiny_unic_model()
+    model.ladder.batched = True  # the grouped kernels (the CUDA default) on this CPU
     out = model(torch.randn(2, 3, 32, 32))
     sum(v.square().sum() for per_type in out["preds"].values() for v in per_type.values()).backward()
     grads = {name: p.grad for name, p in model.ladder.named_parameters()}
