@@ -102,7 +102,7 @@ def _memory_gb(trainable: int, frozen: int, units: list[int], teachers: int, act
     frozen teachers' parameters, ``act`` the bytes saved for backward per image and ``recompute`` those of
     one checkpointed block recomputed in backward (0 without activation checkpointing)."""
     low_precision = precision in ("bf16", "fp16")
-    fsdp = parallelism == "fsdp"
+    fsdp = parallelism == "fsdp" and world_size > 1  # one process trains the plain model (as ddp)
     shards = world_size if fsdp else 1
     memory = {
         "trainable_params": trainable,
