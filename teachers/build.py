@@ -155,6 +155,27 @@ def _build_timm(spec: TeacherSpec, kind: str, where: str | None) -> nn.Module:
     return model
 
 
+def load_open_clip_visual(model: nn.Module, path: str, arch: str) -> None:
+    """Load the image tower of an open_clip ``model`` from a weights file: an open_clip/OpenAI state dict
+    (``visual.*`` beside the text tower's keys, which are ignored) or the visual tower's own; a position
+    embedding of another grid is resampled with open_clip's own rule."""
+    state = load_weights_file(path)
+    state = state.get("state_dict", state)
+    prefix = "visual." if any(k.startswith("visual.") for k in state) else ""
+    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if torch.is_tensor(state.get("positional_embedding")):  # another grid: open_clip's own resampling
+        from open_clip.model import resize_pos_embed
+
+        resized = {"visual.positional_embedding": state["positional_embedding"]}
+        resize_pos_embed(resized, model)
+        state["positional_embedding"] = resized["visual.positional_embedding"]
+    missing, unexpected = model.visual.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointFormatError(
+            f"{path} does not match open_clip '{arch}': missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+
+
 def _build_open_clip(spec: TeacherSpec, kind: str, where: str | None) -> tuple[nn.Module, dict]:
     import open_clip
 
@@ -166,21 +187,7 @@ def _build_open_clip(spec: TeacherSpec, kind: str, where: str | None) -> tuple[n
         raise TeacherWeightsError(f"teacher '{spec.name}': {str(err).splitlines()[0]}") from None
     visual = model.visual
     if kind == "file":
-        state = load_weights_file(where)
-        state = state.get("state_dict", state)
-        prefix = "visual." if any(k.startswith("visual.") for k in state) else ""
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        if torch.is_tensor(state.get("positional_embedding")):  # another grid: open_clip's own resampling
-            from open_clip.model import resize_pos_embed
-
-            resized = {"visual.positional_embedding": state["positional_embedding"]}
-            resize_pos_embed(resized, model)
-            state["positional_embedding"] = resized["visual.positional_embedding"]
-        missing, unexpected = visual.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise CheckpointFormatError(
-                f"{where} does not match open_clip '{spec.arch}': missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
+        load_open_clip_visual(model, where, spec.arch)
     size = visual.image_size
     meta = {
         "resolution": int(size[0] if isinstance(size, (tuple, list)) else size),

@@ -301,22 +301,9 @@ def _build_open_clip(arch: str, tag: str | None, weights: str | None, img_size: 
         logging.getLogger().removeFilter(quiet)
     visual = model.visual
     if weights and weights != "random":
-        from unic.io import CheckpointFormatError, load_weights_file
+        from teachers.build import load_open_clip_visual
 
-        state = load_weights_file(weights)
-        state = state.get("state_dict", state)
-        prefix = "visual." if any(k.startswith("visual.") for k in state) else ""
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        if torch.is_tensor(state.get("positional_embedding")):  # another grid: open_clip's own resampling
-            from open_clip.model import resize_pos_embed
-
-            resized = {"visual.positional_embedding": state["positional_embedding"]}
-            resize_pos_embed(resized, model)
-            state["positional_embedding"] = resized["visual.positional_embedding"]
-        missing, unexpected = visual.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise CheckpointFormatError(f"{weights} does not match open_clip '{arch}': missing {missing[:5]}, "
-                                        f"unexpected {unexpected[:5]}")
+        load_open_clip_visual(model, weights, arch)
     if not proj_layer:
         if hasattr(visual, "transformer"):
             visual.proj = None  # the pooled ln_post output (UniFEx's with_proj_layer=False)
