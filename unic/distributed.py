@@ -240,3 +240,19 @@ def broadcast_object(obj, src: int = 0):
     holder = [obj]
     dist.broadcast_object_list(holder, src=src)
     return holder[0]
+
+
+def average_gradients(params) -> None:
+    """Average the gradients of parameters outside DDP over ranks, in one flat all-reduce (parameters
+    without a gradient are skipped; a no-op without a process group)."""
+    if not is_enabled():
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    all_reduce_mean(flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()

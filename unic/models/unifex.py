@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unic import distributed
 
 logger = logging.getLogger(__name__)
 
@@ -465,21 +464,6 @@ def is_sharded(head: nn.Module) -> bool:
     from unic.models.partial_fc import PartialFC
 
     return isinstance(head, PartialFC)
-
-
-def average_gradients(params: Sequence[torch.Tensor]) -> None:
-    """Average the gradients of parameters outside DDP over ranks (one flat all-reduce)."""
-    if not distributed.is_enabled():
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    distributed.all_reduce_mean(flat)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
 
 
 # ------------------------------------------------------------------------------------------------ file format

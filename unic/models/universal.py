@@ -72,15 +72,7 @@ class DomainHeads(nn.Module):
         if not distributed.is_enabled():
             return
         sharded = {id(p) for p in sharded_parameters(self)}
-        grads = [p.grad for p in self.domain_parameters(domain) if p.grad is not None and id(p) not in sharded]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        distributed.all_reduce_mean(flat)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+        distributed.average_gradients([p for p in self.domain_parameters(domain) if id(p) not in sharded])
 
     def memory_report(self) -> dict[str, float]:
         """MB per domain and per rank of weights, gradients and AdamW state (x4 in fp32), logged at start-up;

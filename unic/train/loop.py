@@ -23,7 +23,6 @@ from unic.config import (ConfigError, derived_schedule, objectives, resolve_batc
 from unic.io import CheckpointFormatError, CheckpointWriteError, load_checkpoint, save_checkpoint, write_json
 from unic.models.export import FORMAT_VERSION, TRAIN_FORMAT, student_export, universal_export
 from unic.models.partial_fc import full_state, load_full_state, optimizer_state_dict, sharded_parameters
-from unic.models.unifex import average_gradients
 from unic.train import checkpoint as ckpt_lib
 from unic.train import provenance, report
 from unic.train.build import (build_batches, build_datasets, build_model, build_optimizer, build_schedules,
@@ -496,7 +495,7 @@ class Trainer:
             self.domain_heads.sync_gradients(name)
         if self.unifex_head is not None:
             shards = {id(p) for p in self.sharded}
-            average_gradients([p for p in self.unifex_head.parameters() if id(p) not in shards])
+            distributed.average_gradients([p for p in self.unifex_head.parameters() if id(p) not in shards])
         if step < self.schedules.freeze_steps:  # frozen backbone: no update and no optimizer state
             for p in self.model.backbone.parameters():
                 p.grad = None
