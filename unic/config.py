@@ -188,6 +188,11 @@ class DataConfig(LoaderConfig):
     worker_timeout_s: float = 600.0  # a data worker silent for this long is an error, not a hang
     # wds: samples each data stream holds to shuffle a shard as it reads it sequentially (0: the tar's order)
     shuffle_buffer: int = 1000
+    # cpu: the data workers decode (PIL) and augment; gpu: they send JPEG bytes and the augmentations drawn,
+    # decoded in one batch on the training device (torchvision's decode_jpeg, nvjpeg on CUDA) and augmented
+    # there (unic.data.gpu_decode: same parameters as the CPU path, pixels in float); UNIC distillation on
+    # folder, csv and uned data
+    decode: str = "cpu"
 
 
 @dataclass(kw_only=True)
@@ -205,6 +210,9 @@ class OptimConfig:
     clip_mode: str = "global"
     scale_lr: bool = True  # lr given for a global batch of 256 and scaled linearly
     optimizer: str = "adamw"  # adamw (decoupled weight decay) | adam (L2 weight decay, UniFEx's Adam)
+    # fused Adam(W) kernels: one launch updates every parameter, and a non-finite step is skipped inside the
+    # kernel (no host synchronisation); null: wherever torch has them for the device (CUDA, CPU)
+    fused: Optional[bool] = None
 
 
 @dataclass(kw_only=True)
@@ -232,7 +240,9 @@ class TrainConfig:
     validate: bool = True  # distillation loss + kNN top-1 (+ universal R@1) on the val split each epoch
     validate_first: bool = False  # also validate the untrained model before the first step
     max_steps: int = 0  # stop after this many steps in total (0: run all epochs)
-    compile: bool = False  # torch.compile the student
+    # torch.compile the student with its ladder, and each teacher (null: on CUDA with ddp); a part that fails
+    # to compile runs eagerly, with a warning after the first step
+    compile: Optional[bool] = None
     # ddp: every process holds the whole trainable model (DistributedDataParallel); fsdp: its weights, gradients
     # and AdamW state are sharded over the processes (torch's FSDP2 fully_shard: each student block, the rest of
     # the backbone, the ladder, the universal projection, then the root), for students that do not fit
@@ -240,7 +250,9 @@ class TrainConfig:
     # recompute each student block in backward instead of keeping its activations (timm's grad checkpointing,
     # torch.utils.checkpoint): less memory for about a third more student compute
     activation_checkpointing: bool = False
-    max_bad_steps: int = 5  # consecutive non-finite (skipped) steps before the run stops
+    # consecutive non-finite (skipped) steps before the run stops (counted on the device, acted on at the next
+    # logging or checkpoint step)
+    max_bad_steps: int = 5
     collective_timeout_s: float = 1800.0  # a stalled rank ends the job with an error after this long
 
 
@@ -270,6 +282,7 @@ _CHOICES = {
     "optim.clip_mode": ("global", "per_param"),
     "optim.optimizer": ("adamw", "adam"),
     "train.parallelism": ("ddp", "fsdp"),
+    "data.decode": ("cpu", "gpu"),
 }
 
 

@@ -13,6 +13,7 @@ import os
 import sys
 from typing import NoReturn
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -110,8 +111,15 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> torch.d
             timeout=timeout,
             device_id=torch_device if use_cuda else None,
         )
+        global _HOST_GROUP
+        # host-side flags (stop signals) travel over gloo: an NCCL collective would need the host to wait
+        # for the device to read its result
+        _HOST_GROUP = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
         logger.info("initialised %s process group: rank %d / %d", backend, get_rank(), get_world_size())
     return torch_device
+
+
+_HOST_GROUP = None  # the gloo group of host_max when the default group's backend is not gloo (None: the default)
 
 
 def store_prefix() -> str:
@@ -130,8 +138,10 @@ def store_prefix() -> str:
 
 
 def destroy_distributed() -> None:
+    global _HOST_GROUP
     if is_enabled():
         dist.destroy_process_group()
+    _HOST_GROUP = None
 
 
 def exit_process(code: int) -> NoReturn:
@@ -168,6 +178,16 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     if is_enabled():
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
+
+
+def host_max(value: int) -> int:
+    """The largest ``value`` over ranks, exchanged between the hosts (gloo, CPU memory): no rank waits for
+    its device, so a training step can agree on host-side flags without a host-device synchronisation."""
+    if not is_enabled():
+        return value
+    buffer = np.array([value], dtype=np.int64)  # read back through numpy: host memory, no tensor op
+    dist.all_reduce(torch.from_numpy(buffer), op=dist.ReduceOp.MAX, group=_HOST_GROUP)
+    return int(buffer[0])
 
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import stat
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from typing import Callable, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -22,25 +23,31 @@ class BadImageError(RuntimeError):
     """An image file that cannot be decoded."""
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """The RGB image training sees: transparency composited on white, 16/32-bit scaled to 8 bits by the max."""
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        canvas = Image.new("RGB", img.size, (255, 255, 255))
+        canvas.paste(img, mask=img.getchannel("A"))
+        return canvas
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        import numpy as np
+
+        array = np.asarray(img, dtype=np.float64)
+        peak = array.max() if array.size and array.max() > 0 else 1.0
+        return Image.fromarray((array / peak * 255).astype(np.uint8)).convert("RGB")
+    return img.convert("RGB")
+
+
 def load_image(path: str) -> Image.Image:
-    """Decode an image to RGB; any decoding problem (truncated, not an image, bomb, ...) is a BadImageError."""
+    """Decode an image to RGB (:func:`to_rgb`); any decoding problem (truncated, not an image, bomb, ...) is a
+    BadImageError."""
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):  # FIFOs would block a worker forever, devices, folders
             raise OSError("not a regular file")
         with Image.open(path) as img:
             img.load()
-            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                img = img.convert("RGBA")
-                canvas = Image.new("RGB", img.size, (255, 255, 255))
-                canvas.paste(img, mask=img.getchannel("A"))
-                return canvas
-            if img.mode.startswith("I;16") or img.mode in ("I", "F"):  # 16/32-bit: scale to 8 bits by the max
-                import numpy as np
-
-                array = np.asarray(img, dtype=np.float64)
-                peak = array.max() if array.size and array.max() > 0 else 1.0
-                return Image.fromarray((array / peak * 255).astype(np.uint8)).convert("RGB")
-            return img.convert("RGB")
+            return to_rgb(img)
     except Exception as err:  # noqa: BLE001 - hostile files raise anything from OSError to SyntaxError
         raise BadImageError(f"{path}: {type(err).__name__}: {err}") from None
 
@@ -53,6 +60,8 @@ class ImageListDataset(Dataset):
     are counted and reported even from inside worker processes.
     A key ``(index, seed)`` seeds the transform's randomness, making augmentations depend only on the
     sample and the step, not on worker count or world size.
+    ``reader`` turns a path into what the transform takes (a BadImageError marks an unreadable file): PIL images
+    by default, :func:`unic.data.gpu_decode.read_encoded` to decode JPEGs on the training device instead.
     """
 
     def __init__(
@@ -60,11 +69,13 @@ class ImageListDataset(Dataset):
         samples: Sequence[tuple[str, Sequence[int], int]],
         transform: Callable | None = None,
         domain_names: Sequence[str] = ("default",),
+        reader: Callable[[str], Any] = load_image,
     ):
         if len(samples) == 0:
             raise ValueError("dataset has no sample")
         self.samples = list(samples)
         self.transform = transform
+        self.reader = reader
         self.domain_names = list(domain_names)
         self._reported: set[str] = set()
         # a broken image is replaced by the next one of the same domain (labels stay meaningful)
@@ -88,7 +99,7 @@ class ImageListDataset(Dataset):
         for skipped in range(MAX_REPLACEMENTS):
             path, labels, domain = self.samples[members[(start + skipped) % len(members)]]
             try:
-                img = load_image(path)
+                img = self.reader(path)
             except BadImageError as err:
                 bad.append(str(err))
                 if path not in self._reported:

@@ -130,7 +130,7 @@ class DomainSampler:
         self.step = 0
         self.updated = False
         self.window_sum = torch.zeros(self.num_domains, dtype=torch.float64, device=device)
-        self.window_count = torch.zeros(self.num_domains, dtype=torch.float64)
+        self.window_count = torch.zeros(self.num_domains, dtype=torch.float64, device=device)
 
     def next_domain(self) -> int:
         if self.strategy == "round_robin" or (self.strategy == "dynamic" and not self.updated):
@@ -140,10 +140,13 @@ class DomainSampler:
         self.step += 1
         return domain
 
-    def record(self, domain: int, teacher_ce: torch.Tensor) -> None:
-        """Add a step's (local) teacher CE to the window; no host synchronisation."""
-        self.window_sum[domain] += teacher_ce.detach().to(self.window_sum)
-        self.window_count[domain] += 1
+    def record(self, domain: int, teacher_ce: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """Add a step's (local) teacher CE to the window, unless ``keep`` (a bool tensor, on the device) is
+        false (a skipped step); no host synchronisation."""
+        keep = torch.ones((), dtype=torch.bool, device=self.window_sum.device) if keep is None else keep
+        keep = keep.to(self.window_sum.device)
+        self.window_sum[domain] += torch.where(keep, teacher_ce.detach().to(self.window_sum), 0.0)
+        self.window_count[domain] += keep.to(self.window_count.dtype)
 
     def _clear_window(self) -> None:
         self.window_sum.zero_()
@@ -162,7 +165,7 @@ class DomainSampler:
         from unic import distributed
 
         sums = distributed.all_reduce_mean(self.window_sum.clone()).cpu()
-        self.probs = udon_update_weights(self.probs, sums, self.window_count)
+        self.probs = udon_update_weights(self.probs, sums, self.window_count.cpu())
         self.updated = True
         if not reference_window:
             self._clear_window()
@@ -170,13 +173,13 @@ class DomainSampler:
 
     def state_dict(self) -> dict:
         return {"probs": self.probs.clone(), "step": self.step, "updated": self.updated,
-                "window_sum": self.window_sum.cpu().clone(), "window_count": self.window_count.clone(),
+                "window_sum": self.window_sum.cpu().clone(), "window_count": self.window_count.cpu().clone(),
                 "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.probs, self.step, self.updated = state["probs"].clone(), int(state["step"]), bool(state["updated"])
         self.window_sum.copy_(state["window_sum"])
-        self.window_count = state["window_count"].clone()
+        self.window_count.copy_(state["window_count"])
         self.generator.set_state(state["generator"])
 
 

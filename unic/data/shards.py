@@ -657,9 +657,10 @@ def _divisor_at_most(n: int, limit: int) -> int:
 
 def _loader(stream: ShardStream, processes: int, pin: bool, timeout_s: float) -> DataLoader:
     from unic.distributed import ignore_interrupts
+    from unic.train.batches import collate_items
 
     return DataLoader(stream, batch_size=stream.layout.local_batch, num_workers=processes, pin_memory=pin,
-                      generator=torch.Generator(), persistent_workers=False, worker_init_fn=ignore_interrupts,
+                      collate_fn=collate_items, generator=torch.Generator(), persistent_workers=False, worker_init_fn=ignore_interrupts,
                       timeout=timeout_s if processes > 0 else 0)
 
 

@@ -41,11 +41,21 @@ def safe_acos(cos: torch.Tensor) -> torch.Tensor:
     return torch.acos(cos.clamp(-1.0 + _ACOS_EPS, 1.0 - _ACOS_EPS))
 
 
+def _cos_sin(m: torch.Tensor | float):
+    """(cos m, sin m): Python numbers for a number (no tensor made on the device: a copy from the host would
+    synchronise), tensors for a tensor (per-class margins)."""
+    if isinstance(m, torch.Tensor):
+        return torch.cos(m), torch.sin(m)
+    return math.cos(m), math.sin(m)
+
+
 def cos_add_angle(cos: torch.Tensor, m: torch.Tensor | float) -> torch.Tensor:
     """cos(theta + m) from cos(theta) without acos: cos*cos(m) - sin*sin(m), theta in [0, pi]."""
-    m = torch.as_tensor(m, dtype=cos.dtype, device=cos.device)
+    if isinstance(m, torch.Tensor):
+        m = m.to(cos.dtype)
+    cos_m, sin_m = _cos_sin(m)
     sin = torch.sqrt(torch.clamp(1.0 - cos * cos, min=_SIN_EPS))
-    return cos * torch.cos(m) - sin * torch.sin(m)
+    return cos * cos_m - sin * sin_m
 
 
 def arc_margin(cos_y: torch.Tensor, m: torch.Tensor | float, easy_margin: bool = False) -> torch.Tensor:
@@ -54,11 +64,13 @@ def arc_margin(cos_y: torch.Tensor, m: torch.Tensor | float, easy_margin: bool =
     The fallback keeps the target monotone in theta. ``easy_margin`` instead applies the margin only where
     cos > 0 and leaves the target at cos elsewhere.
     """
-    m = torch.as_tensor(m, dtype=cos_y.dtype, device=cos_y.device)
+    if isinstance(m, torch.Tensor):
+        m = m.to(cos_y.dtype)
     phi = cos_add_angle(cos_y, m)
     if easy_margin:
         return torch.where(cos_y > 0, phi, cos_y)
-    return torch.where(cos_y > torch.cos(math.pi - m), phi, cos_y - m * torch.sin(math.pi - m))
+    cos_pm, sin_pm = _cos_sin(math.pi - m)
+    return torch.where(cos_y > cos_pm, phi, cos_y - m * sin_pm)
 
 
 def dynamic_margins(class_counts: Sequence[float] | torch.Tensor, m_min: float, m_max: float) -> torch.Tensor:
@@ -69,10 +81,17 @@ def dynamic_margins(class_counts: Sequence[float] | torch.Tensor, m_min: float, 
     return (m_min + (m_max - m_min) / 2 * (1 + torch.cos(math.pi * nhat))).float()
 
 
+def _float64(value: torch.Tensor | float, device: torch.device) -> torch.Tensor:
+    """A scalar as a float64 tensor on ``device``; a Python number is filled in there (``torch.full``), not
+    copied from the host, which would synchronise."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device=device, dtype=torch.float64)
+    return torch.full((), float(value), dtype=torch.float64, device=device)
+
+
 def _global_sums(*values: torch.Tensor | float, device: torch.device) -> torch.Tensor:
     """Stack scalars in float64 on ``device`` and sum them over ranks in one all-reduce."""
-    stacked = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).detach() for v in values])
-    return distributed.all_reduce_sum(stacked)
+    return distributed.all_reduce_sum(torch.stack([_float64(v, device) for v in values]))
 
 
 @dataclass(frozen=True)
@@ -128,7 +147,7 @@ class Targets:
         device = self.cos_y_B.device
         if self.rows_split:
             return tuple(_global_sums(*values, device=device).unbind())
-        sums = [torch.as_tensor(v, dtype=torch.float64, device=device).detach() for v in values]
+        sums = [_float64(v, device) for v in values]
         if cells:
             reduced = distributed.all_reduce_sum(torch.stack(sums[: len(cells)])).unbind()
             sums[: len(cells)] = reduced

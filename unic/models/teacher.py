@@ -27,6 +27,10 @@ class FrozenTeacher(nn.Module):
         self.requires_grad_(False)
         super().train(False)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.tokens.parameters()).dtype
+
     def train(self, mode: bool = True) -> "FrozenTeacher":  # noqa: ARG002 - frozen: always eval
         return super().train(False)
 
@@ -36,12 +40,13 @@ class FrozenTeacher(nn.Module):
         student_grid: tuple[int, int],
     ) -> dict[str, torch.Tensor]:
         """``images`` are normalised with ``input_mean/std`` (the student's); returns cls (B, D_t) and
-        patch tokens (B, N_student, D_t) on the student's patch grid, in float32."""
-        x = images_BCHW.float() * input_std + input_mean
+        patch tokens (B, N_student, D_t) on the student's patch grid, in float32. A teacher cast to bf16
+        (``.to(torch.bfloat16)``, as the trainer does for bf16 runs) gets its input in bf16."""
+        x = images_BCHW.float() * input_std + input_mean  # resized and renormalised in float32
         res = self.spec.resolution
         if x.shape[-2:] != (res, res):
             x = F.interpolate(x, size=(res, res), mode="bicubic", align_corners=False, antialias=True).clamp_(0, 1)
-        x = (x - self.mean) / self.std
+        x = ((x - self.mean) / self.std).to(self.dtype)  # bf16 networks get bf16 input
         cls_BD, patch_BND = self.tokens(x)
         cls_BD, patch_BND = cls_BD.float(), patch_BND.float()
         side = res // self.tokens.patch_size

@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from unic.data.folders import ImageListDataset
 from unic.data.sampling import DomainBatchSampler, DomainSampler, GlobalBatchSampler
 from unic.distributed import all_reduce_mean, ignore_interrupts, worker_count
+
+
+def collate_items(items: list[dict]) -> dict:
+    """A training batch: ``default_collate`` of the items, plus ``skipped_images``, the batch's count of
+    unreadable images passed over as a Python int (the step reads it without a tensor op). Images that are
+    not tensors (encoded files for decoding on the device, ``data.decode=gpu``) stay a list."""
+    images = [item["image"] for item in items]
+    if isinstance(images[0], torch.Tensor):
+        batch = default_collate(items)
+    else:
+        batch = default_collate([{k: v for k, v in item.items() if k != "image"} for item in items])
+        batch["image"] = images
+    batch["skipped_images"] = sum(int(item["skipped"]) for item in items)
+    return batch
 
 
 def _loader(dataset, batch_sampler, num_workers: int, pin: bool, timeout_s: float) -> DataLoader:
@@ -15,7 +29,8 @@ def _loader(dataset, batch_sampler, num_workers: int, pin: bool, timeout_s: floa
     # a private generator keeps DataLoader start-up from consuming the global RNG (exact resume);
     # the timeout turns a stuck worker (dead network file system, ...) into an error instead of a hang
     return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers, pin_memory=pin,
-                      generator=torch.Generator(), persistent_workers=False, worker_init_fn=ignore_interrupts,
+                      collate_fn=collate_items, generator=torch.Generator(), persistent_workers=False,
+                      worker_init_fn=ignore_interrupts,
                       timeout=timeout_s if num_workers > 0 else 0)
 
 

@@ -9,8 +9,8 @@ counted by ``torch.utils.flop_counter`` over one full training step: student for
 every teacher forward.
 
 ``--baseline`` measures, in the same process and on the same batches, the same step with every fast-path
-feature off (:data:`BASELINE`: eager, one MLP per projector, the ladder in float32, AdamW without the
-foreach/fused kernels) after the configured one, and prints both figures and their ratio: the honest A/B
+feature off (:data:`BASELINE`: eager, one MLP per projector, the ladder and the teachers in float32, AdamW
+without the foreach/fused kernels and so the skip flag read every step) after the configured one, and prints both figures and their ratio: the honest A/B
 on any machine. ``--data-only`` times the data loader alone (decoding, augmentation, collation and the copy
 to the device, with the configured workers): the input pipeline's ceiling in images/s, to compare with the
 step's.
@@ -34,7 +34,9 @@ from unic.cli import parse
 from unic.config import DEMO_CONFIG, ConfigError, UnicConfig, unifex_enabled
 from unic.data.uned import DataFormatError
 from unic.io import CheckpointFormatError
-from unic.train.build import input_spec
+from unic.train.build import compile_enabled, compile_failures, compile_unavailable, input_spec
+from unic.train.optim import is_fused
+from unic.train.syncs import count_syncs
 
 # dense bf16/fp16 tensor-core peaks (TFLOP/s) used for MFU; override with --peak_tflops
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -43,7 +45,8 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10"
 EXAMPLE = "python scripts/bench_train.py --config unic_vitb16_in1k --steps 10 --baseline data.global_batch=64"
 # what --baseline turns off, as the plain path of the same code
 BASELINE = ("eager (train.compile=false)", "one MLP per projector (Ladder.batched=False)",
-            "the ladder in float32 (outside autocast)", "AdamW without foreach/fused kernels")
+            "the ladder in float32 (outside autocast)", "teachers in float32 (autocast casts their weights each step)",
+            "AdamW without foreach/fused kernels, so a step's skip flag is read on the host (one sync per step)")
 
 
 def peak_tflops(override: float | None, device: torch.device) -> float | None:
@@ -67,7 +70,8 @@ def _flags(parser: argparse.ArgumentParser) -> None:
 
 
 def measure_data(trainer, args) -> dict:
-    """images/s of the training batches alone (data workers, decoding, augmentation, copy to the device)."""
+    """images/s of the training batches alone (data workers, decoding, augmentation, copy to the device;
+    with ``data.decode=gpu`` the decoding and augmentation on the device)."""
     batches = trainer.batches
     batches.start(0)
     try:
@@ -76,7 +80,7 @@ def measure_data(trainer, args) -> dict:
         start, images = time.perf_counter(), 0
         for _ in range(args.steps):
             _, batch = batches.next()
-            images += batch["image"].to(trainer.device, non_blocking=True).shape[0]
+            images += trainer.batch_images(batch).shape[0]
         if trainer.device.type == "cuda":
             torch.cuda.synchronize(trainer.device)
         elapsed = time.perf_counter() - start
@@ -85,7 +89,7 @@ def measure_data(trainer, args) -> dict:
     images_per_s = images * trainer.world / elapsed  # every rank loads its share at the same rate
     return {"device": str(trainer.device), "world_size": trainer.world, "data": trainer.cfg.data.dataset,
             "img_size": input_spec(trainer.cfg)[0], "batch_per_device": trainer.batch_per_gpu,
-            "num_workers": trainer.cfg.data.num_workers, "steps_timed": args.steps,
+            "num_workers": trainer.cfg.data.num_workers, "decode": trainer.cfg.data.decode, "steps_timed": args.steps,
             "loader_images_per_s": images_per_s, "loader_images_per_s_per_device": images_per_s / trainer.world}
 
 
@@ -101,6 +105,8 @@ def make_baseline(trainer) -> None:
                 return plain_forward([(c.float(), p.float()) for c, p in taps])
 
         ladder.forward = fp32_forward
+    for teacher in (trainer.parts.teachers or {}).values():
+        teacher.tokens.float()
     optimizer = trainer.optimizer
     groups = [{k: v for k, v in g.items() if k not in ("foreach", "fused")} for g in optimizer.param_groups]
     trainer.optimizer = type(optimizer)(groups, foreach=False, fused=False)
@@ -112,7 +118,7 @@ def prefetch(trainer, count: int) -> list:
     trainer.batches.start(0)
     for _ in range(min(count, trainer.steps_per_epoch)):
         domain, batch = trainer.batches.next()
-        batches.append((batch["image"].to(trainer.device), domain, trainer.batch_labels(domain, batch)))
+        batches.append((trainer.batch_images(batch), domain, trainer.batch_labels(domain, batch)))
     trainer.batches.close()
     return batches
 
@@ -148,7 +154,9 @@ def measure(trainer, args) -> dict:
             utilisation = None
     with FlopCounterMode(display=False) as counter:
         step(0)
-    return {"elapsed": elapsed, "flops": counter.get_total_flops(), "utilisation": utilisation}
+    syncs, sites = count_syncs(lambda: step(1), device)  # one more step's host-device synchronisations
+    return {"elapsed": elapsed, "flops": counter.get_total_flops(), "utilisation": utilisation,
+            "syncs": syncs, "sync_sites": sites}
 
 
 def report(trainer, args, timing: dict) -> dict:
@@ -170,6 +178,11 @@ def report(trainer, args, timing: dict) -> dict:
         # the preflight plan's figures (unic.train.plan, what `main_unic.py --plan` prints) beside the measured ones
         "plan_flops_per_step_per_device": trainer.plan["tflops_per_step_per_gpu"] * 1e12,
         "plan_memory_estimate_gb": trainer.plan["memory_per_gpu"]["total_gb"],
+        "host_syncs_per_step": timing["syncs"],  # unic.train.syncs.count_syncs over one step
+        "host_sync_sites": timing["sync_sites"],
+        "compiled": compile_enabled(cfg, device) and compile_unavailable(cfg, device) is None
+        and not compile_failures(),
+        "fused_optimizer": is_fused(trainer.optimizer),
     }
     if device.type == "cuda":
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30

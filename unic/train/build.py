@@ -10,6 +10,8 @@ The preflight plan (:mod:`unic.train.plan`) builds its models with the same :fun
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from dataclasses import dataclass
 
@@ -24,6 +26,8 @@ from unic.data.folders import ImageListDataset
 from unic.models.ladder import Ladder, UnicModel
 from unic.models.universal import DomainHeads
 from unic.train.standardize import TeacherStandardizer
+
+logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -134,6 +138,14 @@ def build_datasets(cfg: DictConfig, udon: bool, skipped: list[dict] | None = Non
             val = uned_dataset(root, data.val_split, train.domain_names, val_tf)
         except FileNotFoundError as err:
             val, missing = None, f"no val split: {err}"
+    if data.decode == "gpu":
+        if udon or unifex_enabled(cfg) or spec.kind == "wds":
+            raise ConfigError("data.decode=gpu decodes for the UNIC distillation augmentations on folder, csv and "
+                              "uned data; UDON's and UniFEx's crops and data.dataset=wds decode on the CPU "
+                              "(data.decode=cpu)")
+        from unic.data.gpu_decode import DrawUnicParams, read_encoded
+
+        train.reader, train.transform = read_encoded, DrawUnicParams()  # GpuUnicAugment finishes on the device
     if missing and cfg.train.validate and skipped is not None:
         scores = "kNN top-1" + (", universal R@1" if udon else "")
         skipped.append({"feature": f"validation (loss, {scores}) and its kNN bank", "reason": missing})
@@ -298,8 +310,8 @@ def build_model(cfg: DictConfig, train_set: ImageListDataset, device: torch.devi
     recipe: :func:`build_unifex_parts`)."""
     if unifex_enabled(cfg):
         parts = build_unifex_parts(cfg, train_set, device)
-        if cfg.train.compile and compile_unavailable(cfg, device) is None:
-            parts.model.compile()
+        if compile_wanted(cfg, device):
+            compile_with_fallback(cfg, parts.model, None, device)
         return parts
     distill, udon = objectives(cfg)
     teachers = build_teachers(cfg) if distill else None  # to the device once every input is validated
@@ -313,13 +325,24 @@ def build_model(cfg: DictConfig, train_set: ImageListDataset, device: torch.devi
         label_maps = [table.to(device) for table in label_tables(classes)]
     standardizer = None
     if distill:
+        # frozen teachers in bf16 when the run computes in bf16: the matmuls autocast would run anyway, from
+        # weights that are not re-cast every step (autocast caches no cast of a weight without gradient)
         teachers.to(device)
+        if distributed.resolve_precision(cfg.run.precision, device) == "bf16":
+            for teacher in teachers.values():
+                teacher.tokens.to(torch.bfloat16)  # the network; its input statistics stay float32
         standardizer = TeacherStandardizer({n: t.embed_dim for n, t in teachers.items()}).to(device)
     model = UnicModel(backbone, ladder, universal, cfg.ladder.last_tap).to(device)
-    # fsdp: refused by the schema check (a compiled __call__ would trace FSDP's hooks)
-    if cfg.train.compile and cfg.train.parallelism == "ddp" and compile_unavailable(cfg, device) is None:
-        model.compile()  # compiles UnicModel.__call__ in place: state dict keys unchanged
+    if compile_wanted(cfg, device):
+        compile_with_fallback(cfg, model, teachers, device)
     return ModelParts(model, teachers, standardizer, domain_heads, label_maps)
+
+
+def compile_enabled(cfg: DictConfig, device: torch.device) -> bool:
+    """``train.compile``, its default (null) resolved: on CUDA with ddp (FSDP's hooks are not traced)."""
+    if cfg.train.compile is None:
+        return device.type == "cuda" and cfg.train.parallelism == "ddp"
+    return bool(cfg.train.compile)
 
 
 def compile_unavailable(cfg: DictConfig, device: torch.device) -> str | None:
@@ -327,18 +350,112 @@ def compile_unavailable(cfg: DictConfig, device: torch.device) -> str | None:
     compiles C++ and needs a compiler."""
     import shutil
 
-    if cfg.train.compile and device.type == "cpu" and not (shutil.which("g++") or shutil.which("c++")):
+    if compile_enabled(cfg, device) and device.type == "cpu" and not (shutil.which("g++") or shutil.which("c++")):
         return "torch.compile on CPU needs a C++ compiler (g++ or c++), none is on PATH"
     return None
 
 
-def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
-    """``model`` in DistributedDataParallel on more than one process (only the trainable modules)."""
+def compile_wanted(cfg: DictConfig, device: torch.device) -> bool:
+    """Whether to compile. A part whose compilation fails runs eagerly (torch's ``suppress_errors``: the
+    failing frame falls back, with torch's warning saying why), which the trainer reports after its first
+    step (:func:`compile_failures`): a missing Triton or compiler costs speed, never the run."""
+    if not compile_enabled(cfg, device) or compile_unavailable(cfg, device) is not None:
+        return False
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True
+    return True
+
+
+def compile_with_fallback(cfg: DictConfig, model: nn.Module, teachers: nn.ModuleDict | None,
+                          device: torch.device) -> None:
+    """``torch.compile`` the trained model (``__call__`` in place: state dict keys unchanged) and each teacher's
+    network, and run each once on zeros of a training batch's shape (forward and backward for the trained
+    model, whose backward graph is compiled at its first backward), so that a compilation that fails here
+    leaves that part eager, with a warning, instead of failing the first step. The probe leaves weights,
+    buffers, gradients and the random streams as they were; the real step then finds the compiled code."""
+    from unic.config import resolve_batch
+
+    _, per_gpu = resolve_batch(cfg, distributed.get_world_size())
+    dtype = distributed.autocast_dtype(cfg.run.precision, device)
+    size = input_spec(cfg)[0]
+    model.compile()
+    failed = _probe(model, lambda: model(torch.zeros(per_gpu, 3, size, size, device=device)), dtype, backward=True)
+    if failed:
+        logger.warning("torch.compile failed for the trained model (%s): it runs eagerly", failed)
+    for name, teacher in (teachers or {}).items():
+        res = teacher.spec.resolution
+        teacher.tokens.compile()
+        failed = _probe(teacher.tokens, lambda t=teacher: t.tokens(torch.zeros(per_gpu, 3, res, res, device=device,
+                                                                                dtype=t.dtype)), dtype)
+        if failed:
+            logger.warning("torch.compile failed for teacher %s (%s): it runs eagerly", name, failed)
+    if distributed.get_world_size() > 1:
+        import torch._dynamo
+
+        # the probe compiled outside DDP; compiled inside it (the first step), the graph is split at DDP's
+        # buckets, so gradients are all-reduced while backward runs (recompiling mostly hits inductor's cache)
+        torch._dynamo.reset()
+
+
+def _probe(module: nn.Module, run, dtype: torch.dtype | None, backward: bool = False) -> str | None:
+    """Run the compiled ``module`` once (``run()``; under autocast ``dtype``); None when it worked, else why,
+    with ``module`` made eager again. State is restored: buffers (norm statistics), gradients, RNG."""
+    buffers = [(b, b.clone()) for b in module.buffers()]
+    device = next(module.parameters()).device
+    devices = [device] if device.type == "cuda" else []
+    error = None
+    with torch.random.fork_rng(devices=devices):
+        try:
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                if backward:
+                    out = run()
+                else:
+                    with torch.inference_mode():
+                        out = run()
+            if backward:
+                loss = _float_sum(out)
+                if isinstance(loss, torch.Tensor) and loss.requires_grad:
+                    loss.backward()
+        except Exception as err:  # noqa: BLE001 - any compiler failure (Triton, C++, dynamo) means eager
+            error = f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:300] if str(err).strip() else ''}"
+    module.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for buffer, value in buffers:
+            buffer.copy_(value)
+    if error is not None:
+        module._compiled_call_impl = None  # nn.Module.compile's compiled __call__: back to the eager one
+    return error
+
+
+def _float_sum(value) -> torch.Tensor | float:
+    """The sum of every floating tensor in ``value`` (nested lists, tuples, dicts), as float32."""
+    if isinstance(value, torch.Tensor):
+        return value.float().sum() if value.is_floating_point() else 0.0
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return sum((_float_sum(v) for v in value), 0.0)
+    return 0.0
+
+
+def compile_failures() -> int:
+    """Frames torch.compile tried and could not convert in this process (they run eagerly)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["frames"]["total"] - counters["frames"]["ok"])
+
+
+def wrap_ddp(model: nn.Module, device: torch.device, static_graph: bool = False) -> nn.Module:
+    """``model`` in DistributedDataParallel on more than one process (only the trainable modules). The
+    gradients are views of DDP's buckets (no second copy of them); ``static_graph``: the same parameters take
+    part in every step, which lets DDP skip its per-step search for unused ones."""
     if distributed.get_world_size() == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   gradient_as_bucket_view=True, static_graph=static_graph)
 
 
 def fsdp_units(model: UnicModel) -> list[nn.Module]:
@@ -375,7 +492,9 @@ def wrap_model(cfg: DictConfig, model: nn.Module, device: torch.device, precisio
     (sharded in place; the module itself is returned). One process: the model as it is."""
     if distributed.get_world_size() > 1 and cfg.train.parallelism == "fsdp":
         return wrap_fsdp(model, device, precision)
-    return wrap_ddp(model, device)
+    # every step runs the same graph (teacher dropping weighs losses, it removes no projector); the
+    # compiled model's DDP graph splitting is left to its defaults
+    return wrap_ddp(model, device, static_graph=not compile_wanted(cfg, device))
 
 
 def unsharded_model(cfg: DictConfig, parts: ModelParts, state: dict, device: torch.device) -> UnicModel:
@@ -465,14 +584,20 @@ def build_schedules(cfg: DictConfig, global_batch: int, steps_per_epoch: int) ->
 
 
 def build_optimizer(cfg: DictConfig, parts: ModelParts, schedules: Schedules) -> torch.optim.Optimizer:
-    """AdamW (or Adam, ``optim.optimizer``) over the trainable parameters, one tagged pair of groups (decay /
+    """AdamW (or Adam, ``optim.optimizer``; fused kernels per ``optim.fused``) over the trainable parameters, one tagged pair of groups (decay /
     no decay) per schedule; UniFEx's trained backbone layers in groups of their layer-decay lr scale; Partial
     FC's sharded class centres in groups of their own (``sharded``: per-rank state, checkpointed apart)."""
     from unic.models.partial_fc import sharded_parameters
-    from unic.train.optim import layer_decay_groups, param_groups, separate_sharded
+    from unic.train.optim import fused_available, layer_decay_groups, param_groups, separate_sharded
 
     model = parts.model
-    optimizer = torch.optim.Adam if cfg.optim.optimizer == "adam" else torch.optim.AdamW
+    device = next(model.parameters()).device
+    fused = cfg.optim.fused if cfg.optim.fused is not None else fused_available(device)
+    if fused and not fused_available(device):
+        raise ConfigError(f"optim.fused=true: this torch has no fused Adam(W) kernels for {device.type}; set "
+                          "optim.fused=null (or false)")
+    optimizer = functools.partial(torch.optim.Adam if cfg.optim.optimizer == "adam" else torch.optim.AdamW,
+                                  fused=fused)
     sharded = [p for m in (parts.domain_heads, parts.unifex_head) if m is not None for p in sharded_parameters(m)]
     if parts.unifex_head is not None:
         wd = cfg.optim.weight_decay
@@ -486,6 +611,17 @@ def build_optimizer(cfg: DictConfig, parts: ModelParts, schedules: Schedules) ->
         groups += param_groups(model.udon, cfg.udon.head_weight_decay, "udon")
         groups += param_groups(parts.domain_heads, cfg.udon.head_weight_decay, "udon")
     return optimizer(separate_sharded(groups, sharded), lr=schedules.peak_lr, betas=tuple(cfg.optim.betas))
+
+
+def build_device_augment(cfg: DictConfig):
+    """``data.decode=gpu``: what turns a batch's encoded images into the model's input on the device
+    (:class:`unic.data.gpu_decode.GpuUnicAugment`); None when the workers decode."""
+    if cfg.data.decode != "gpu":
+        return None
+    from unic.data.gpu_decode import GpuUnicAugment
+
+    size, mean, std = input_spec(cfg)
+    return GpuUnicAugment(size, mean, std)
 
 
 def build_task(cfg: DictConfig, parts: ModelParts, trained: nn.Module, total_steps: int, device: torch.device):

@@ -26,9 +26,11 @@ from unic.models.partial_fc import full_state, load_full_state, optimizer_state_
 from unic.train import checkpoint as ckpt_lib
 from unic.train import provenance, report
 from unic.train.build import (build_batches, build_datasets, build_model, build_optimizer, build_schedules,
-                              build_task, check_teacher_weights, unsharded_model, wrap_model)
+                              build_device_augment, build_task, check_teacher_weights, compile_enabled, compile_failures,
+                              compile_unavailable, unsharded_model, wrap_model)
 from unic.train.logger import MetricsWriter, setup_logging
-from unic.train.optim import apply_schedules, clip_gradients
+from unic.train.optim import apply_schedules, clip_gradients, optimizer_step, poison_gradients
+from unic.train.health import SkippedSteps
 from unic.train.plan import skipped_features
 from unic.train.validate import Validator
 
@@ -156,6 +158,7 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, self.parts, self.schedules)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.task = build_task(cfg, self.parts, self.ddp_model, self.total_steps, self.device)
+        self.device_augment = build_device_augment(cfg)  # data.decode=gpu: decoding and augmenting here
         self.write_checkpoint = save_checkpoint  # (state, path); the chaos suite's faults wrap it
         self.step = 0
         self.skipped_images = 0
@@ -174,6 +177,7 @@ class Trainer:
         self._prepare_output_dir(resume_state)
         if resume_state is not None:
             self.load(resume_state, self.checkpoint_path)
+        self.skipped_steps = SkippedSteps(self.device, self.step)
         # the steps an interrupted launch logged after its last checkpoint are trained again: purged
         self.metrics = MetricsWriter(self.output_dir, purge_from=self.step + 1 if resume_state is not None else 0)
         self.validator = Validator(
@@ -463,6 +467,19 @@ class Trainer:
                         self.domain_heads.universal_classifiers[domain_name]]
         return [b for m in modules if m is not None for b in m.buffers()]
 
+    def batch_images(self, batch: dict) -> torch.Tensor:
+        """The batch's images on the device: copied there, or (``data.decode=gpu``) decoded and augmented
+        there; an image that only fails to decode there is replaced by another of the batch, counted and
+        reported as the workers' skipped images are."""
+        if self.device_augment is None:
+            return batch["image"].to(self.device, non_blocking=True)
+        images, bad = self.device_augment(batch["image"], self.device)
+        self.skipped_images += len(bad)
+        for line in bad:
+            path, _, reason = line.partition(": ")
+            self.bad_files[path] = reason
+        return images
+
     def batch_labels(self, domain: int | None, batch: dict) -> torch.Tensor | None:
         """The labels a step trains with, on the device: the drawn domain's (UDON), each image's row of the
         merged label space (UniFEx, from its (domain, label)), or None (distillation alone)."""
@@ -473,9 +490,13 @@ class Trainer:
 
     def train_step(self, images: torch.Tensor, domain: int | None = None,
                    labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """One optimisation step. A non-finite loss or gradient on any rank skips the step on every rank
-        (weights, optimizer and buffers untouched); every rank also learns whether any received SIGTERM or Ctrl-C.
-        Both come from one 2-value all-reduce, the step's only host synchronisation."""
+        """One optimisation step, without a host-device synchronisation (see :mod:`unic.train.syncs`).
+
+        A non-finite loss on any rank, or non-finite gradients, skip the step on every rank on the device:
+        the fused optimizer's kernels (or GradScaler, under fp16) leave weights and optimizer state untouched,
+        the buffers the forward pass updated get their values back, and :class:`SkippedSteps` counts it (read
+        by :meth:`check_skipped_steps` where the host acts: logging and checkpoint steps). Every rank also
+        learns whether any received SIGTERM or Ctrl-C, through one host-side all-reduce (gloo)."""
         cfg, step = self.cfg, self.step
         apply_schedules(self.optimizer, self.schedules.values(cfg, step))
         self.ddp_model.train()
@@ -499,44 +520,64 @@ class Trainer:
         if step < self.schedules.freeze_steps:  # frozen backbone: no update and no optimizer state
             for p in self.model.backbone.parameters():
                 p.grad = None
-        self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        # a non-finite loss on one rank concerns all: one all-reduce on the device (no host wait)
+        bad_loss = distributed.all_reduce_max((~torch.isfinite(out["loss"].detach())).float()) > 0
+        if self.scaler.is_enabled():  # GradScaler judges the gradients: a bad loss makes them non-finite
+            poison_gradients(params, bad_loss)
+        self.scaler.unscale_(self.optimizer)
         clip = clip_sharded_gradients if self.fsdp else clip_gradients
         out["grad_norm"] = clip(params, cfg.optim.clip_grad, cfg.optim.clip_mode, self.sharded)
-        bad = ~torch.isfinite(out["loss"].detach())
-        if not self.scaler.is_enabled():  # with fp16 the scaler itself skips steps with inf gradients
-            bad |= ~torch.isfinite(out["grad_norm"])
-        flags = torch.stack([bad.float(), torch.tensor(float(self.stop_code), device=bad.device)])
-        bad_any, stop_any = distributed.all_reduce_max(flags).tolist()
+        # the gradient norm is the same on every rank (all-reduced gradients, the shards' norms summed)
+        bad = bad_loss | ~torch.isfinite(out["grad_norm"])
+        optimizer_step(self.optimizer, self.scaler, bad)
+        self.optimizer.zero_grad(set_to_none=True)
+        for buffer, value in zip(buffers, saved):
+            buffer.copy_(torch.where(bad, value, buffer))
+        if name is not None:
+            self.domain_sampler.record(domain, out[f"udon/{name}/ce_teacher"], keep=~bad)
+        # fp16: an overflow of the scaled gradients is the scaler's routine (it skips and lowers the scale),
+        # not a non-finite step; only a non-finite loss counts
+        counted = bad_loss if self.scaler.is_enabled() else bad
+        self.skipped_steps.update(counted)
         # every rank stops after the same step: on the reduced code only, never on a signal that arrived on
         # this rank after the reduce (that one is shared by the next step's)
-        self.stop_agreed = int(stop_any)
-        if bad_any > 0:
-            self.optimizer.zero_grad(set_to_none=True)
-            for buffer, value in zip(buffers, saved):
-                buffer.copy_(value)
-            if self.scaler.is_enabled():
-                self.scaler.update()
-            self.bad_steps += 1
-            self.consecutive_bad_steps += 1
-            logger.warning("non-finite loss or gradient at step %d: step skipped on every rank (%d in a row, %d in all)",
-                           step, self.consecutive_bad_steps, self.bad_steps)
-            if self.consecutive_bad_steps >= cfg.train.max_bad_steps:
-                raise NonFiniteLossError(
-                    f"{self.consecutive_bad_steps} consecutive non-finite steps (up to step {step}); stopping. "
-                    f"The last good checkpoint is {self.checkpoint_path}"
-                    + ("" if os.path.isfile(self.checkpoint_path) else " (none was saved yet)")
-                    + "; lower optim.lr, enable optim.clip_grad or check the data and teacher weights"
-                )
-        else:
-            self.consecutive_bad_steps = 0
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            if name is not None:
-                self.domain_sampler.record(domain, out[f"udon/{name}/ce_teacher"])
-        out["skipped_step"] = torch.tensor(float(bad_any > 0))
+        self.stop_agreed = distributed.host_max(self.stop_code)
+        out["skipped_step"] = counted.float()
         return {k: v.detach() for k, v in out.items()}
+
+    def _report_compile(self) -> None:
+        """After the first step (where torch.compile compiles): say if a part of the model runs eagerly."""
+        if not compile_enabled(self.cfg, self.device) or compile_unavailable(self.cfg, self.device):
+            return
+        failed = compile_failures()
+        if failed:
+            logger.warning("torch.compile could not compile %d part(s) of the model (torch's warning above says "
+                           "why); they run eagerly (train.compile=false skips compiling)", failed)
+        else:
+            logger.info("torch.compile: every compiled part of the model runs compiled")
+
+    def check_skipped_steps(self) -> None:
+        """Read the skipped-step counts kept on the device (a host synchronisation: at logging and checkpoint
+        steps); warn about the steps skipped since the last read; stop after ``train.max_bad_steps``
+        consecutive ones (the last good checkpoint stays the newest: none is written during such a run)."""
+        window = self.skipped_steps.read()
+        self.consecutive_bad_steps = window.run
+        if not window.skipped:
+            return
+        self.bad_steps += window.skipped
+        where = (f"at step {window.first}" if window.skipped == 1 else
+                 f"at step {window.first} and {window.skipped - 1} more up to step {window.last}")
+        logger.warning("non-finite loss or gradient %s: skipped on every rank (%d in a row now, %d in all)",
+                       where, window.run, self.bad_steps)
+        limit = self.cfg.train.max_bad_steps
+        if window.longest >= limit:
+            raise NonFiniteLossError(
+                f"{limit} consecutive non-finite steps (train.max_bad_steps; seen at step {self.step}, the last "
+                f"skipped step {window.last}); stopping. The last good checkpoint is {self.checkpoint_path}"
+                + ("" if os.path.isfile(self.checkpoint_path) else " (none was saved yet)")
+                + "; lower optim.lr, enable optim.clip_grad or check the data and teacher weights"
+            )
 
     def train(self) -> None:
         """Run to ``max_steps``; a collective that times out is reported with each rank's progress."""
@@ -559,6 +600,7 @@ class Trainer:
         counts: dict[str, int] = {}
         window_steps, window_start, data_time = 0, time.perf_counter(), 0.0
         run_start, start_step = time.perf_counter(), self.step
+        self.skipped_steps = SkippedSteps(self.device, self.step, self.consecutive_bad_steps)
         self.batches.start(self.step)
         try:
             while self.step < self.max_steps:
@@ -566,11 +608,11 @@ class Trainer:
                 domain, batch = self.batches.next()
                 data_time += time.perf_counter() - fetch_start
                 distributed.heartbeat(self.step)  # a rank stuck before this point is named as behind
-                images = batch["image"].to(self.device, non_blocking=True)
+                images = self.batch_images(batch)
                 labels = self.batch_labels(domain, batch)
                 measure = (self.step + 1) % cfg.train.log_every == 0
                 out = self.train_step(images, domain, labels)
-                skipped = int(batch["skipped"].sum())  # a CPU tensor: no device sync
+                skipped = batch["skipped_images"]  # a Python int (the loader's collate): no tensor read
                 self.skipped_images += skipped
                 for lines in batch["bad"] if skipped else ():  # every entry is empty when nothing was skipped
                     for line in filter(None, lines.split("\n")):
@@ -581,9 +623,17 @@ class Trainer:
                     counts[key] = counts.get(key, 0) + 1
                 window_steps += 1
                 self.step += 1
+                if self.step == start_step + 1:
+                    self._report_compile()
                 if self.udon and self.domain_sampler.maybe_update():
                     self.metrics.write(self.step, {f"p/{d}": float(p) for d, p in zip(self.domains, self.domain_sampler.probs)},
                                        prefix="sampling")
+                save_due = bool(cfg.train.save_every) and self.step % cfg.train.save_every == 0
+                validate_due = self.validator.should_validate(self.step)
+                epoch_end = self.step % self.steps_per_epoch == 0
+                # the host reads the skipped-step counts only where it acts on them (a synchronisation)
+                if measure or save_due or validate_due or epoch_end or self.stop_agreed or self.step == self.max_steps:
+                    self.check_skipped_steps()
                 if measure:
                     self.log_window(sums, counts, window_steps, time.perf_counter() - window_start, data_time,
                                     run_start, start_step)
@@ -598,11 +648,11 @@ class Trainer:
                     raise Preempted(STOP_SIGNALS[self.stop_agreed], self.step, self.checkpoint_path)
                 # no checkpoint during a run of skipped (non-finite) steps: the last good one stays the newest
                 healthy = self.consecutive_bad_steps == 0
-                if cfg.train.save_every and self.step % cfg.train.save_every == 0 and healthy:
+                if save_due and healthy:
                     self.save(periodic=True)
-                if self.validator.should_validate(self.step):
+                if validate_due:
                     self.validate(self.step)
-                if self.step % self.steps_per_epoch == 0:
+                if epoch_end:
                     if healthy:
                         self.save()
                         if self.step < self.max_steps:  # the last export follows the loop

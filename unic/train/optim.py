@@ -115,10 +115,13 @@ def _clip_with_shards(params: list[torch.Tensor], max_norm: float, mode: str,
         return torch.zeros(())
     ids = {id(p) for p in sharded}
     split = [id(p) in ids for p in params if p.grad is not None]
-    squares = torch.stack([g.detach().float().square().sum() for g in grads])
-    mask = torch.tensor(split, device=squares.device)
-    # one all-reduce: the shards' squares summed over ranks, the replicated ones kept (the same everywhere)
-    squares = torch.where(mask, distributed.all_reduce_sum(torch.where(mask, squares, 0.0)), squares)
+    squares = [g.detach().float().square().sum() for g in grads]
+    shards = [i for i, is_shard in enumerate(split) if is_shard]
+    if shards:  # one all-reduce: the shards' squares summed over ranks, the replicated ones kept
+        summed = distributed.all_reduce_sum(torch.stack([squares[i] for i in shards])).unbind()
+        for i, value in zip(shards, summed):
+            squares[i] = value
+    squares = torch.stack(squares)
     norms = squares.sqrt()
     total = torch.linalg.vector_norm(norms)
     if max_norm <= 0:
@@ -129,3 +132,45 @@ def _clip_with_shards(params: list[torch.Tensor], max_norm: float, mode: str,
     else:
         torch._foreach_mul_(grads, (max_norm / (norms + 1e-6)).clamp_(max=1.0).unbind())
     return total
+
+
+def fused_available(device: torch.device) -> bool:
+    """Whether torch has fused Adam(W) kernels for ``device`` (CUDA, CPU, ...): one launch updates every
+    parameter, and a step flagged non-finite is skipped inside the kernel, on the device."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    return device.type in _get_fused_kernels_supported_devices()
+
+
+def is_fused(optimizer: torch.optim.Optimizer) -> bool:
+    return bool(optimizer.defaults.get("fused")) and getattr(optimizer, "_step_supports_amp_scaling", False)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, skip: torch.Tensor) -> None:
+    """Apply the step unless ``skip`` (a bool tensor on the device: the step's loss or gradients are not finite
+    on some rank), without a host synchronisation when the optimizer is fused: its kernels read the flag
+    (``found_inf``, the protocol GradScaler uses) and leave weights, moments and step counts untouched. An
+    unfused optimizer cannot skip on the device: the flag is read on the host (one synchronisation).
+
+    Under fp16 the GradScaler decides from the gradients it unscaled (a non-finite loss has made them
+    non-finite, see :func:`poison_gradients`) and updates its scale."""
+    if scaler.is_enabled():
+        scaler.step(optimizer)
+        scaler.update()
+    elif is_fused(optimizer):
+        optimizer.found_inf = skip.float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif not skip.item():  # host synchronisation: only fused kernels skip on the device
+        optimizer.step()
+
+
+def poison_gradients(params: list[torch.Tensor], bad: torch.Tensor) -> None:
+    """Make every gradient non-finite where ``bad`` (a bool tensor on the device, the same on every rank),
+    unchanged otherwise: from then on one rule, "the gradients are not finite", skips the step (the gradient
+    norm, the fused kernels' ``found_inf``, GradScaler's own check), without reading ``bad`` on the host."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        torch._foreach_add_(grads, torch.where(bad, float("nan"), 0.0).to(grads[0].dtype))

@@ -108,12 +108,10 @@ def _memory_gb(trainable: int, frozen: int, units: list[int], teachers: int, act
         "trainable_params": trainable,
         # fp32 weights, gradients and AdamW moments; fsdp: each process holds 1 / world size of them
         "weights_grads_adamw_gb": trainable * ADAMW_BYTES_PER_PARAM / shards / 2**30,
-        # DDP's gradient buckets (a second fp32 gradient copy) on more than one process
-        "ddp_buckets_gb": trainable * 4 / 2**30 if world_size > 1 and not fsdp else 0.0,
         # autocast's low-precision copies of the trained weights, cached for the forward and backward (the
         # teachers run in inference mode: their casts are not cached); fsdp gathers them in bf16 instead
         "autocast_weight_copies_gb": trainable * 2 / 2**30 if low_precision and not fsdp else 0.0,
-        "teachers_gb": teachers * 4 / 2**30,
+        "teachers_gb": teachers * (2 if precision == "bf16" else 4) / 2**30,  # bf16 runs keep bf16 teachers
         "activations_per_image_mb": act / 2**20,
         "activations_gb": (act * per_gpu + recompute * per_gpu) / 2**30,
     }
@@ -236,17 +234,16 @@ def _unifex_plan(cfg: DictConfig, plan: dict, per_gpu: int, precision: str, num_
     memory = {
         "trainable_params": trainable_per_rank,
         "weights_grads_adamw_gb": trainable_per_rank * ADAMW_BYTES_PER_PARAM / 2**30,
-        "ddp_buckets_gb": _count(model, trainable_only=True) * 4 / 2**30 if plan["world_size"] > 1 else 0.0,
         "autocast_weight_copies_gb": _count(model, trainable_only=True) * 2 / 2**30 if low_precision else 0.0,
         "frozen_backbone_gb": frozen * 4 / 2**30,
         "activations_per_image_mb": act / 2**20,
         "activations_gb": act * per_gpu / 2**30,
     }
-    memory["total_gb"] = sum(memory[k] for k in ("weights_grads_adamw_gb", "ddp_buckets_gb",
-                                                 "autocast_weight_copies_gb", "frozen_backbone_gb", "activations_gb"))
-    memory["note"] = ("estimate: fp32 trainable state (neck, head, trained blocks) with Adam(W), DDP buckets, autocast "
-                      "weight copies, the fp32 frozen backbone and the tensors saved for backward (frozen layers save "
-                      "none); excludes the frozen layers' transient activations, the CUDA context and allocator slack")
+    memory["total_gb"] = sum(memory[k] for k in ("weights_grads_adamw_gb", "autocast_weight_copies_gb",
+                                                 "frozen_backbone_gb", "activations_gb"))
+    memory["note"] = ("estimate: fp32 trainable state (neck, head, trained blocks) with Adam(W) (DDP's buckets hold "
+                      "the gradients themselves), autocast weight copies, the fp32 frozen backbone and the tensors "
+                      "saved for backward (frozen layers save none); excludes the frozen layers' transient activations, the CUDA context and allocator slack")
     plan["memory_per_gpu"] = memory
     return plan
 
@@ -369,9 +366,9 @@ def build_plan(cfg: DictConfig, world_size: int = 1, num_train_images: int | Non
     memory["parallelism"] = cfg.train.parallelism
     memory["activation_checkpointing"] = checkpointing
     memory["total_gb_by_setup"] = options  # ddp, ddp+ac, fsdp, fsdp+ac on this world size
-    memory["note"] = ("estimate: fp32 trainable state with AdamW (sharded over the processes with fsdp), DDP buckets, "
-                      "autocast weight copies (fsdp: the two largest units gathered in the compute dtype with their "
-                      f"fp32 gradients), fp32 teacher weights, and the tensors saved for backward by the model cast to "
+    memory["note"] = ("estimate: fp32 trainable state with AdamW (sharded over the processes with fsdp; DDP's buckets "
+                      "hold the gradients themselves), autocast weight copies (fsdp: the two largest units gathered in "
+                      f"the compute dtype with their fp32 gradients), teacher weights ({'bf16' if precision == 'bf16' else 'fp32'}), and the tensors saved for backward by the model cast to "
                       f"{precision} with attention unfused (activation checkpointing: the blocks' inputs and one block "
                       "recomputed); autocast keeps some of them (norm and softmax inputs) in fp32, flash attention "
                       "saves less. Excludes the CUDA context, teacher activations (transient, inference mode) "
@@ -473,8 +470,7 @@ def format_plan(plan: dict) -> str:
         + (f" ({mem['parallelism']}{', activation checkpointing' if mem['activation_checkpointing'] else ''})"
            if "parallelism" in mem else "")
         + f": trainable state {gb_text(mem['weights_grads_adamw_gb'])}, "
-        + (f"FSDP gathered units {gb_text(mem['fsdp_gathered_gb'])}, " if "fsdp_gathered_gb" in mem
-           else f"DDP buckets {gb_text(mem['ddp_buckets_gb'])}, ")
+        + (f"FSDP gathered units {gb_text(mem['fsdp_gathered_gb'])}, " if "fsdp_gathered_gb" in mem else "")
         + f"autocast copies {gb_text(mem['autocast_weight_copies_gb'])}, "
         + (f"frozen backbone {gb_text(mem['frozen_backbone_gb'])}, " if "frozen_backbone_gb" in mem
            else f"teachers {gb_text(mem['teachers_gb'])}, ")

@@ -49,7 +49,8 @@ class TeacherStandardizer(nn.Module):
         """Global per-channel mean and unbiased std of every (teacher, token type), two all-reduces in all."""
         flat = {(n, t): feats[n][t].float().reshape(-1, feats[n][t].shape[-1]) for n in self.names for t in TOKEN_TYPES}
         device = next(iter(flat.values())).device
-        counts = torch.tensor([float(x.shape[0]) for x in flat.values()], device=device)
+        # filled on the device (a tensor copied from the host would synchronise)
+        counts = torch.cat([torch.full((1,), float(x.shape[0]), device=device) for x in flat.values()])
         sums = torch.cat([x.sum(0) for x in flat.values()])
         distributed.all_reduce_sum(packed := torch.cat([counts, sums]))
         counts, sums = packed[: len(flat)], packed[len(flat):]
