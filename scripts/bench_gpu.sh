@@ -67,8 +67,9 @@ import json, os, sys
 out = sys.argv[1]
 
 def load(name):
-    text = open(os.path.join(out, name)).read()
-    return json.loads(text[text.index("{"):]) if "{" in text else None
+    text = "\n" + open(os.path.join(out, name)).read()
+    start = text.rfind("\n{\n")  # the JSON object printed after the log lines
+    return json.loads(text[start + 1:]) if start >= 0 else None
 
 train = load("train.json")
 fast, base = train["fast"], train["baseline"]

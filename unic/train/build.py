@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -270,6 +270,7 @@ class ModelParts:
     label_maps: list[torch.Tensor] | None  # per domain, raw class id -> classifier row (UDON)
     unifex_head: nn.Module | None = None  # UniFEx: the margin head over the merged labels, outside DDP
     merged_labels: object | None = None  # UniFEx: unic.models.unifex.MergedLabels, (domain, label) -> row
+    eager_fallbacks: list[str] = field(default_factory=list)  # parts torch.compile could not compile
 
     @property
     def patch_size(self) -> int:
@@ -311,7 +312,7 @@ def build_model(cfg: DictConfig, train_set: ImageListDataset, device: torch.devi
     if unifex_enabled(cfg):
         parts = build_unifex_parts(cfg, train_set, device)
         if compile_wanted(cfg, device):
-            compile_with_fallback(cfg, parts.model, None, device)
+            parts.eager_fallbacks = compile_with_fallback(cfg, parts.model, None, device)
         return parts
     distill, udon = objectives(cfg)
     teachers = build_teachers(cfg) if distill else None  # to the device once every input is validated
@@ -333,9 +334,8 @@ def build_model(cfg: DictConfig, train_set: ImageListDataset, device: torch.devi
                 teacher.tokens.to(torch.bfloat16)  # the network; its input statistics stay float32
         standardizer = TeacherStandardizer({n: t.embed_dim for n, t in teachers.items()}).to(device)
     model = UnicModel(backbone, ladder, universal, cfg.ladder.last_tap).to(device)
-    if compile_wanted(cfg, device):
-        compile_with_fallback(cfg, model, teachers, device)
-    return ModelParts(model, teachers, standardizer, domain_heads, label_maps)
+    fallbacks = compile_with_fallback(cfg, model, teachers, device) if compile_wanted(cfg, device) else []
+    return ModelParts(model, teachers, standardizer, domain_heads, label_maps, eager_fallbacks=fallbacks)
 
 
 def compile_enabled(cfg: DictConfig, device: torch.device) -> bool:
@@ -368,34 +368,39 @@ def compile_wanted(cfg: DictConfig, device: torch.device) -> bool:
 
 
 def compile_with_fallback(cfg: DictConfig, model: nn.Module, teachers: nn.ModuleDict | None,
-                          device: torch.device) -> None:
+                          device: torch.device) -> list[str]:
     """``torch.compile`` the trained model (``__call__`` in place: state dict keys unchanged) and each teacher's
     network, and run each once on zeros of a training batch's shape (forward and backward for the trained
     model, whose backward graph is compiled at its first backward), so that a compilation that fails here
     leaves that part eager, with a warning, instead of failing the first step. The probe leaves weights,
-    buffers, gradients and the random streams as they were; the real step then finds the compiled code."""
+    buffers, gradients and the random streams as they were; the real step then finds the compiled code.
+    Returns the parts left eager."""
     from unic.config import resolve_batch
 
     _, per_gpu = resolve_batch(cfg, distributed.get_world_size())
     dtype = distributed.autocast_dtype(cfg.run.precision, device)
     size = input_spec(cfg)[0]
+    eager = []
     model.compile()
     failed = _probe(model, lambda: model(torch.zeros(per_gpu, 3, size, size, device=device)), dtype, backward=True)
     if failed:
-        logger.warning("torch.compile failed for the trained model (%s): it runs eagerly", failed)
+        eager.append("the trained model")
+        logger.warning("torch.compile could not compile the trained model (%s): it runs eagerly", failed)
     for name, teacher in (teachers or {}).items():
         res = teacher.spec.resolution
         teacher.tokens.compile()
         failed = _probe(teacher.tokens, lambda t=teacher: t.tokens(torch.zeros(per_gpu, 3, res, res, device=device,
                                                                                 dtype=t.dtype)), dtype)
         if failed:
-            logger.warning("torch.compile failed for teacher %s (%s): it runs eagerly", name, failed)
+            eager.append(f"teacher {name}")
+            logger.warning("torch.compile could not compile teacher %s (%s): it runs eagerly", name, failed)
     if distributed.get_world_size() > 1:
-        import torch._dynamo
+        from torch import _dynamo
 
         # the probe compiled outside DDP; compiled inside it (the first step), the graph is split at DDP's
         # buckets, so gradients are all-reduced while backward runs (recompiling mostly hits inductor's cache)
-        torch._dynamo.reset()
+        _dynamo.reset()
+    return eager
 
 
 def _probe(module: nn.Module, run, dtype: torch.dtype | None, backward: bool = False) -> str | None:

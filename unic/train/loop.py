@@ -547,13 +547,15 @@ class Trainer:
         return {k: v.detach() for k, v in out.items()}
 
     def _report_compile(self) -> None:
-        """After the first step (where torch.compile compiles): say if a part of the model runs eagerly."""
+        """After the first step (where torch.compile compiles what the start-up probe did not): say which parts
+        run eagerly."""
         if not compile_enabled(self.cfg, self.device) or compile_unavailable(self.cfg, self.device):
             return
-        failed = compile_failures()
-        if failed:
-            logger.warning("torch.compile could not compile %d part(s) of the model (torch's warning above says "
-                           "why); they run eagerly (train.compile=false skips compiling)", failed)
+        eager, failed = self.parts.eager_fallbacks, compile_failures()
+        if eager or failed:
+            logger.warning("torch.compile could not compile %s (the warnings above say why): eagerly run; "
+                           "train.compile=false skips compiling",
+                           ", ".join(eager + ([f"{failed} more frame(s)"] if failed else [])))
         else:
             logger.info("torch.compile: every compiled part of the model runs compiled")
 
