@@ -50,7 +50,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from unic.data.folders import IMG_EXTENSIONS, MAX_REPLACEMENTS, BadImageError
+from unic.data.folders import IMG_EXTENSIONS, MAX_REPLACEMENTS, BadImageError, to_rgb
 from unic.data.sampling import _SEED_MULT
 from unic.train.batches import DomainBatches
 
@@ -72,22 +72,11 @@ class ShardFormatError(ValueError):
 # ------------------------------------------------------------------------------------------------ decoding
 def decode_image(data: bytes, name: str) -> Image.Image:
     """Decode encoded image bytes to RGB exactly as :func:`unic.data.folders.load_image` decodes a file
-    (transparency composited on white, 16/32-bit scaled by the max); any problem is a BadImageError."""
+    (:func:`unic.data.folders.to_rgb`); any problem is a BadImageError."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                img = img.convert("RGBA")
-                canvas = Image.new("RGB", img.size, (255, 255, 255))
-                canvas.paste(img, mask=img.getchannel("A"))
-                return canvas
-            if img.mode.startswith("I;16") or img.mode in ("I", "F"):
-                import numpy as np
-
-                array = np.asarray(img, dtype=np.float64)
-                peak = array.max() if array.size and array.max() > 0 else 1.0
-                return Image.fromarray((array / peak * 255).astype(np.uint8)).convert("RGB")
-            return img.convert("RGB")
+            return to_rgb(img)
     except Exception as err:  # noqa: BLE001 - hostile bytes raise anything from OSError to SyntaxError
         raise BadImageError(f"{name}: {type(err).__name__}: {err}") from None
 
