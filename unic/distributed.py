@@ -122,6 +122,15 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> torch.d
 _HOST_GROUP = None  # the gloo group of host_max when the default group's backend is not gloo (None: the default)
 
 
+def _host_group():
+    """The group host-side exchanges use: the default one when it is gloo, else a gloo group (made here on
+    first use when the process group was not set up by :func:`init_distributed`; every rank gets here)."""
+    global _HOST_GROUP
+    if _HOST_GROUP is None and dist.get_backend() != "gloo":
+        _HOST_GROUP = dist.new_group(backend="gloo")
+    return _HOST_GROUP
+
+
 def store_prefix() -> str:
     """The key prefix of this attempt's process group in the rendezvous store.
 
@@ -186,8 +195,18 @@ def host_max(value: int) -> int:
     if not is_enabled():
         return value
     buffer = np.array([value], dtype=np.int64)  # read back through numpy: host memory, no tensor op
-    dist.all_reduce(torch.from_numpy(buffer), op=dist.ReduceOp.MAX, group=_HOST_GROUP)
+    dist.all_reduce(torch.from_numpy(buffer), op=dist.ReduceOp.MAX, group=_host_group())
     return int(buffer[0])
+
+
+def host_all_gather(value: int) -> list[int]:
+    """Every rank's ``value``, in rank order, exchanged between the hosts like :func:`host_max`."""
+    if not is_enabled():
+        return [value]
+    out = np.zeros(get_world_size(), dtype=np.int64)
+    parts = [torch.from_numpy(out[i:i + 1]) for i in range(len(out))]  # views: gloo writes into ``out``
+    dist.all_gather(parts, torch.from_numpy(np.array([value], dtype=np.int64)), group=_host_group())
+    return [int(v) for v in out]
 
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:

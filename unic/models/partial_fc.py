@@ -91,13 +91,9 @@ def draw_classes(labels_G: torch.Tensor, num_classes: int, sample_rate: float, s
 # ---------------------------------------------------------------- collectives with autograd
 
 
-def _gather_sizes(num_rows: int, device: torch.device) -> list[int]:
-    if not distributed.is_enabled():
-        return [num_rows]
-    local = torch.tensor([num_rows], device=device, dtype=torch.long)
-    sizes = [torch.zeros_like(local) for _ in range(distributed.get_world_size())]
-    dist.all_gather(sizes, local)
-    return [int(s.item()) for s in sizes]
+def _gather_sizes(num_rows: int) -> list[int]:
+    """Every rank's row count: host numbers, exchanged between the hosts (no device synchronisation)."""
+    return distributed.host_all_gather(num_rows)
 
 
 def _all_gather_rows(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
@@ -143,7 +139,7 @@ class GatheredBatch:
 
 def gather_batch(labels_B: torch.Tensor) -> GatheredBatch:
     """Gather the labels of the global batch (collective); its ``gather`` then gathers the embeddings."""
-    sizes = _gather_sizes(labels_B.shape[0], labels_B.device)
+    sizes = _gather_sizes(labels_B.shape[0])
     return GatheredBatch(_all_gather_rows(labels_B, sizes), sizes)
 
 
@@ -352,7 +348,7 @@ def _gather_to_main(x: torch.Tensor) -> torch.Tensor | None:
     holds the full centres, which is the point of sharding them."""
     if not distributed.is_enabled():
         return x.detach().cpu().clone()
-    sizes = _gather_sizes(x.shape[0], x.device)
+    sizes = _gather_sizes(x.shape[0])
     if distributed.get_rank() != 0:
         if x.shape[0]:
             dist.send(x.detach().contiguous(), dst=0)
