@@ -251,6 +251,7 @@ class GpuUnicAugment:
     def __init__(self, img_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
         self.img_size, self.mean, self.std = img_size, tuple(mean), tuple(std)
         self._stream: torch.cuda.Stream | None = None  # the CUDA decoder's own stream, made on first use
+        self._norm: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # by device
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(img_size={self.img_size}, mean={self.mean}, std={self.std})"
@@ -357,8 +358,15 @@ class GpuUnicAugment:
             x_BCHW[blur_index] = _gaussian_blur(x_BCHW[blur_index], values_BV[blur_index, JITTER_OPS + 1])
         solarize_B111 = values_BV[:, JITTER_OPS + 2].view(-1, 1, 1, 1) > 0
         x_BCHW = torch.where(solarize_B111 & (x_BCHW >= SOLARIZE_THRESHOLD), 1 - x_BCHW, x_BCHW)
-        mean_std = torch.tensor([self.mean, self.std], dtype=torch.float32).to(device, non_blocking=True)
-        return (x_BCHW - mean_std[0].view(1, 3, 1, 1)) / mean_std[1].view(1, 3, 1, 1)
+        mean_11C11, std_11C11 = self._normalisation(device)
+        return (x_BCHW - mean_11C11) / std_11C11
+
+    def _normalisation(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``mean`` and ``std`` as (1, 3, 1, 1) tensors on ``device``, copied there once."""
+        if device not in self._norm:
+            mean_std = torch.tensor([self.mean, self.std], dtype=torch.float32).to(device, non_blocking=True)
+            self._norm[device] = (mean_std[0].view(1, 3, 1, 1), mean_std[1].view(1, 3, 1, 1))
+        return self._norm[device]
 
     def __call__(self, samples: Sequence[DeviceSample], device: torch.device | str
                  ) -> tuple[torch.Tensor, list[str]]:

@@ -10,10 +10,10 @@ every teacher forward.
 
 ``--baseline`` measures, in the same process and on the same batches, the same step with every fast-path
 feature off (:data:`BASELINE`: eager, one MLP per projector, the ladder and the teachers in float32, AdamW
-without the foreach/fused kernels and so the skip flag read every step) after the configured one, and prints both figures and their ratio: the honest A/B
-on any machine. ``--data-only`` times the data loader alone (decoding, augmentation, collation and the copy
-to the device, with the configured workers): the input pipeline's ceiling in images/s, to compare with the
-step's.
+without the foreach/fused kernels and so the skip flag read every step) after the configured one, and prints
+both figures and their ratio: the honest A/B on any machine. ``--data-only`` times the data loader alone
+(decoding, augmentation, collation and the copy to the device, with the configured workers): the input
+pipeline's ceiling in images/s, to compare with the step's.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from unic.cli import parse
 from unic.config import DEMO_CONFIG, ConfigError, UnicConfig, unifex_enabled
 from unic.data.uned import DataFormatError
 from unic.io import CheckpointFormatError
-from unic.train.build import compile_enabled, compile_failures, compile_unavailable, input_spec
+from unic.train.build import eager_parts, input_spec
 from unic.train.optim import is_fused
 from unic.train.syncs import count_syncs
 
@@ -180,8 +180,7 @@ def report(trainer, args, timing: dict) -> dict:
         "plan_memory_estimate_gb": trainer.plan["memory_per_gpu"]["total_gb"],
         "host_syncs_per_step": timing["syncs"],  # unic.train.syncs.count_syncs over one step
         "host_sync_sites": timing["sync_sites"],
-        "compiled": compile_enabled(cfg, device) and compile_unavailable(cfg, device) is None
-        and not compile_failures(),
+        "compiled": trainer.parts.compiled and not eager_parts(trainer.parts),
         "fused_optimizer": is_fused(trainer.optimizer),
     }
     if device.type == "cuda":

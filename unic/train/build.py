@@ -270,7 +270,8 @@ class ModelParts:
     label_maps: list[torch.Tensor] | None  # per domain, raw class id -> classifier row (UDON)
     unifex_head: nn.Module | None = None  # UniFEx: the margin head over the merged labels, outside DDP
     merged_labels: object | None = None  # UniFEx: unic.models.unifex.MergedLabels, (domain, label) -> row
-    eager_fallbacks: list[str] = field(default_factory=list)  # parts torch.compile could not compile
+    compiled: bool = False  # torch.compile applied (train.compile); what it could not compile runs eagerly:
+    eager_fallbacks: list[str] = field(default_factory=list)  # the parts the start-up probe left eager
 
     @property
     def patch_size(self) -> int:
@@ -311,8 +312,8 @@ def build_model(cfg: DictConfig, train_set: ImageListDataset, device: torch.devi
     recipe: :func:`build_unifex_parts`)."""
     if unifex_enabled(cfg):
         parts = build_unifex_parts(cfg, train_set, device)
-        if compile_wanted(cfg, device):
-            parts.eager_fallbacks = compile_with_fallback(cfg, parts.model, None, device)
+        if compile_active(cfg, device):
+            parts.compiled, parts.eager_fallbacks = True, compile_with_fallback(cfg, parts.model, None, device)
         return parts
     distill, udon = objectives(cfg)
     teachers = build_teachers(cfg) if distill else None  # to the device once every input is validated
@@ -334,8 +335,10 @@ def build_model(cfg: DictConfig, train_set: ImageListDataset, device: torch.devi
                 teacher.tokens.to(torch.bfloat16)  # the network; its input statistics stay float32
         standardizer = TeacherStandardizer({n: t.embed_dim for n, t in teachers.items()}).to(device)
     model = UnicModel(backbone, ladder, universal, cfg.ladder.last_tap).to(device)
-    fallbacks = compile_with_fallback(cfg, model, teachers, device) if compile_wanted(cfg, device) else []
-    return ModelParts(model, teachers, standardizer, domain_heads, label_maps, eager_fallbacks=fallbacks)
+    compiled = compile_active(cfg, device)
+    fallbacks = compile_with_fallback(cfg, model, teachers, device) if compiled else []
+    return ModelParts(model, teachers, standardizer, domain_heads, label_maps, compiled=compiled,
+                      eager_fallbacks=fallbacks)
 
 
 def compile_enabled(cfg: DictConfig, device: torch.device) -> bool:
@@ -355,16 +358,9 @@ def compile_unavailable(cfg: DictConfig, device: torch.device) -> str | None:
     return None
 
 
-def compile_wanted(cfg: DictConfig, device: torch.device) -> bool:
-    """Whether to compile. A part whose compilation fails runs eagerly (torch's ``suppress_errors``: the
-    failing frame falls back, with torch's warning saying why), which the trainer reports after its first
-    step (:func:`compile_failures`): a missing Triton or compiler costs speed, never the run."""
-    if not compile_enabled(cfg, device) or compile_unavailable(cfg, device) is not None:
-        return False
-    import torch._dynamo
-
-    torch._dynamo.config.suppress_errors = True
-    return True
+def compile_active(cfg: DictConfig, device: torch.device) -> bool:
+    """Whether this run compiles: ``train.compile`` on (:func:`compile_enabled`) and able to take effect."""
+    return compile_enabled(cfg, device) and compile_unavailable(cfg, device) is None
 
 
 def compile_with_fallback(cfg: DictConfig, model: nn.Module, teachers: nn.ModuleDict | None,
@@ -374,8 +370,13 @@ def compile_with_fallback(cfg: DictConfig, model: nn.Module, teachers: nn.Module
     model, whose backward graph is compiled at its first backward), so that a compilation that fails here
     leaves that part eager, with a warning, instead of failing the first step. The probe leaves weights,
     buffers, gradients and the random streams as they were; the real step then finds the compiled code.
-    Returns the parts left eager."""
+    A frame that fails to compile later falls back too (torch's ``suppress_errors``, with torch's warning;
+    :func:`eager_parts`). Returns the parts left eager."""
+    from torch import _dynamo
+
     from unic.config import resolve_batch
+
+    _dynamo.config.suppress_errors = True  # a missing Triton or compiler costs speed, never the run
 
     _, per_gpu = resolve_batch(cfg, distributed.get_world_size())
     dtype = distributed.autocast_dtype(cfg.run.precision, device)
@@ -395,8 +396,6 @@ def compile_with_fallback(cfg: DictConfig, model: nn.Module, teachers: nn.Module
             eager.append(f"teacher {name}")
             logger.warning("torch.compile could not compile teacher %s (%s): it runs eagerly", name, failed)
     if distributed.get_world_size() > 1:
-        from torch import _dynamo
-
         # the probe compiled outside DDP; compiled inside it (the first step), the graph is split at DDP's
         # buckets, so gradients are all-reduced while backward runs (recompiling mostly hits inductor's cache)
         _dynamo.reset()
@@ -444,11 +443,13 @@ def _float_sum(value) -> torch.Tensor | float:
     return 0.0
 
 
-def compile_failures() -> int:
-    """Frames torch.compile tried and could not convert in this process (they run eagerly)."""
+def eager_parts(parts: ModelParts) -> list[str]:
+    """What of a compiled model runs eagerly: the parts the start-up probe left eager, and the frames torch
+    could not convert since (counted in this process)."""
     from torch._dynamo.utils import counters
 
-    return int(counters["frames"]["total"] - counters["frames"]["ok"])
+    failed = int(counters["frames"]["total"] - counters["frames"]["ok"])
+    return parts.eager_fallbacks + ([f"{failed} more frame(s)"] if failed else [])
 
 
 def wrap_ddp(model: nn.Module, device: torch.device, static_graph: bool = False) -> nn.Module:
@@ -499,7 +500,7 @@ def wrap_model(cfg: DictConfig, model: nn.Module, device: torch.device, precisio
         return wrap_fsdp(model, device, precision)
     # every step runs the same graph (teacher dropping weighs losses, it removes no projector); the
     # compiled model's DDP graph splitting is left to its defaults
-    return wrap_ddp(model, device, static_graph=not compile_wanted(cfg, device))
+    return wrap_ddp(model, device, static_graph=not compile_active(cfg, device))
 
 
 def unsharded_model(cfg: DictConfig, parts: ModelParts, state: dict, device: torch.device) -> UnicModel:
@@ -589,9 +590,10 @@ def build_schedules(cfg: DictConfig, global_batch: int, steps_per_epoch: int) ->
 
 
 def build_optimizer(cfg: DictConfig, parts: ModelParts, schedules: Schedules) -> torch.optim.Optimizer:
-    """AdamW (or Adam, ``optim.optimizer``; fused kernels per ``optim.fused``) over the trainable parameters, one tagged pair of groups (decay /
-    no decay) per schedule; UniFEx's trained backbone layers in groups of their layer-decay lr scale; Partial
-    FC's sharded class centres in groups of their own (``sharded``: per-rank state, checkpointed apart)."""
+    """AdamW (or Adam, ``optim.optimizer``; fused kernels per ``optim.fused``) over the trainable parameters,
+    one tagged pair of groups (decay / no decay) per schedule; UniFEx's trained backbone layers in groups of
+    their layer-decay lr scale; Partial FC's sharded class centres in groups of their own (``sharded``:
+    per-rank state, checkpointed apart)."""
     from unic.models.partial_fc import sharded_parameters
     from unic.train.optim import fused_available, layer_decay_groups, param_groups, separate_sharded
 

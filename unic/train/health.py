@@ -26,10 +26,10 @@ class SkippedSteps:
 
     _FIELDS = ("skipped", "run", "longest", "first", "last", "step")
 
-    def __init__(self, device: torch.device, start: int, run: int = 0):
+    def __init__(self, device: torch.device, start: int):
         self.device = device
         # longest counts the runs that go on in the window (a carried run that continues is counted whole)
-        self._state = torch.tensor([0, run, 0, -1, -1, start], dtype=torch.int64, device=device)
+        self._state = torch.tensor([0, 0, 0, -1, -1, start], dtype=torch.int64, device=device)
 
     def update(self, bad: torch.Tensor) -> None:
         """Record one step; ``bad`` is a bool scalar on the device (the same on every rank)."""

@@ -26,8 +26,8 @@ from unic.models.partial_fc import full_state, load_full_state, optimizer_state_
 from unic.train import checkpoint as ckpt_lib
 from unic.train import provenance, report
 from unic.train.build import (build_batches, build_datasets, build_model, build_optimizer, build_schedules,
-                              build_device_augment, build_task, check_teacher_weights, compile_enabled, compile_failures,
-                              compile_unavailable, unsharded_model, wrap_model)
+                              build_device_augment, build_task, check_teacher_weights, eager_parts,
+                              unsharded_model, wrap_model)
 from unic.train.logger import MetricsWriter, setup_logging
 from unic.train.optim import apply_schedules, clip_gradients, optimizer_step, poison_gradients
 from unic.train.health import SkippedSteps
@@ -474,11 +474,17 @@ class Trainer:
         if self.device_augment is None:
             return batch["image"].to(self.device, non_blocking=True)
         images, bad = self.device_augment(batch["image"], self.device)
-        self.skipped_images += len(bad)
-        for line in bad:
-            path, _, reason = line.partition(": ")
-            self.bad_files[path] = reason
+        self.note_unreadable(len(bad), bad)
         return images
+
+    def note_unreadable(self, count: int, reports: list[str]) -> None:
+        """Count ``count`` unreadable images passed over and keep their ``"<path>: <reason>"`` reports (each
+        entry may hold several, one per line) for ``bad_images.json``."""
+        self.skipped_images += count
+        for lines in reports if count else ():  # every entry is empty when nothing was skipped
+            for line in filter(None, lines.split("\n")):
+                path, _, reason = line.partition(": ")
+                self.bad_files[path] = reason
 
     def batch_labels(self, domain: int | None, batch: dict) -> torch.Tensor | None:
         """The labels a step trains with, on the device: the drawn domain's (UDON), each image's row of the
@@ -549,13 +555,12 @@ class Trainer:
     def _report_compile(self) -> None:
         """After the first step (where torch.compile compiles what the start-up probe did not): say which parts
         run eagerly."""
-        if not compile_enabled(self.cfg, self.device) or compile_unavailable(self.cfg, self.device):
+        if not self.parts.compiled:
             return
-        eager, failed = self.parts.eager_fallbacks, compile_failures()
-        if eager or failed:
+        eager = eager_parts(self.parts)
+        if eager:
             logger.warning("torch.compile could not compile %s (the warnings above say why): eagerly run; "
-                           "train.compile=false skips compiling",
-                           ", ".join(eager + ([f"{failed} more frame(s)"] if failed else [])))
+                           "train.compile=false skips compiling", ", ".join(eager))
         else:
             logger.info("torch.compile: every compiled part of the model runs compiled")
 
@@ -602,7 +607,6 @@ class Trainer:
         counts: dict[str, int] = {}
         window_steps, window_start, data_time = 0, time.perf_counter(), 0.0
         run_start, start_step = time.perf_counter(), self.step
-        self.skipped_steps = SkippedSteps(self.device, self.step, self.consecutive_bad_steps)
         self.batches.start(self.step)
         try:
             while self.step < self.max_steps:
@@ -614,12 +618,8 @@ class Trainer:
                 labels = self.batch_labels(domain, batch)
                 measure = (self.step + 1) % cfg.train.log_every == 0
                 out = self.train_step(images, domain, labels)
-                skipped = batch["skipped_images"]  # a Python int (the loader's collate): no tensor read
-                self.skipped_images += skipped
-                for lines in batch["bad"] if skipped else ():  # every entry is empty when nothing was skipped
-                    for line in filter(None, lines.split("\n")):
-                        path, _, reason = line.partition(": ")
-                        self.bad_files[path] = reason
+                # the workers' count is a Python int (the loader's collate): no tensor read
+                self.note_unreadable(batch["skipped_images"], batch["bad"])
                 for key, value in out.items():
                     sums[key] = sums.get(key, 0.0) + value
                     counts[key] = counts.get(key, 0) + 1

@@ -169,8 +169,8 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
 
 def poison_gradients(params: list[torch.Tensor], bad: torch.Tensor) -> None:
     """Make every gradient non-finite where ``bad`` (a bool tensor on the device, the same on every rank),
-    unchanged otherwise: from then on one rule, "the gradients are not finite", skips the step (the gradient
-    norm, the fused kernels' ``found_inf``, GradScaler's own check), without reading ``bad`` on the host."""
+    unchanged otherwise, without reading ``bad`` on the host: under fp16 GradScaler decides from the gradients
+    alone, so a non-finite loss reaches it this way."""
     grads = [p.grad for p in params if p.grad is not None]
     if grads:
         torch._foreach_add_(grads, torch.where(bad, float("nan"), 0.0).to(grads[0].dtype))

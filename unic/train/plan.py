@@ -243,7 +243,8 @@ def _unifex_plan(cfg: DictConfig, plan: dict, per_gpu: int, precision: str, num_
                                                  "frozen_backbone_gb", "activations_gb"))
     memory["note"] = ("estimate: fp32 trainable state (neck, head, trained blocks) with Adam(W) (DDP's buckets hold "
                       "the gradients themselves), autocast weight copies, the fp32 frozen backbone and the tensors "
-                      "saved for backward (frozen layers save none); excludes the frozen layers' transient activations, the CUDA context and allocator slack")
+                      "saved for backward (frozen layers save none); excludes the frozen layers' transient activations, "
+                      "the CUDA context and allocator slack")
     plan["memory_per_gpu"] = memory
     return plan
 
@@ -368,8 +369,9 @@ def build_plan(cfg: DictConfig, world_size: int = 1, num_train_images: int | Non
     memory["total_gb_by_setup"] = options  # ddp, ddp+ac, fsdp, fsdp+ac on this world size
     memory["note"] = ("estimate: fp32 trainable state with AdamW (sharded over the processes with fsdp; DDP's buckets "
                       "hold the gradients themselves), autocast weight copies (fsdp: the two largest units gathered in "
-                      f"the compute dtype with their fp32 gradients), teacher weights ({'bf16' if precision == 'bf16' else 'fp32'}), and the tensors saved for backward by the model cast to "
-                      f"{precision} with attention unfused (activation checkpointing: the blocks' inputs and one block "
+                      "the compute dtype with their fp32 gradients), teacher weights "
+                      f"({'bf16' if precision == 'bf16' else 'fp32'}), and the tensors saved for backward by the "
+                      f"model cast to {precision} with attention unfused (activation checkpointing: the blocks' inputs and one block "
                       "recomputed); autocast keeps some of them (norm and softmax inputs) in fp32, flash attention "
                       "saves less. Excludes the CUDA context, teacher activations (transient, inference mode) "
                       "and allocator slack")
