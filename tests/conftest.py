@@ -68,6 +68,26 @@ def tiny_overrides(demo_root: str, output_dir: str, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
+def final_weights(out_dir) -> dict:
+    """The model state of a run's ``checkpoint.pth``."""
+    from unic.io import load_checkpoint
+
+    return load_checkpoint(os.path.join(str(out_dir), "checkpoint.pth"))["model"]
+
+
+def randomise_adaptors(ladder, standardizer) -> None:
+    """Ladder weights N(0, 0.3) and teacher statistics away from (0, 1), so that adaptor tests see every
+    term of the de-standardised prediction."""
+    with torch.no_grad():
+        for p in ladder.parameters():
+            p.normal_(0, 0.3)
+        for name, buf in standardizer.named_buffers():
+            if name.endswith("__mean"):
+                buf.normal_(0, 2.0)
+            elif name.endswith("__std"):
+                buf.uniform_(0.5, 3.0)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -7,7 +7,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from tests.conftest import run_entry, tiny_overrides
+from tests.conftest import randomise_adaptors, run_entry, tiny_overrides
 
 import unic
 from unic.eval.encoders import load_encoder
@@ -43,14 +43,7 @@ def parts():
     dims = {teacher_key(n): d for n, d in TEACHERS.items()}
     ladder = Ladder(32, 3, dims, [0, -1], 16, 48)
     standardizer = TeacherStandardizer(dims)
-    with torch.no_grad():
-        for p in ladder.parameters():
-            p.normal_(0, 0.3)
-        for name, buf in standardizer.named_buffers():
-            if name.endswith("__mean"):
-                buf.normal_(0, 2.0)
-            elif name.endswith("__std"):
-                buf.uniform_(0.5, 3.0)
+    randomise_adaptors(ladder, standardizer)
     return cfg, backbone, ladder, standardizer
 
 

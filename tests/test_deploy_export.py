@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch import nn
 
+from tests.conftest import randomise_adaptors
 from unic.data.folders import load_image
 from unic.data.transforms import eval_transform, uned_eval_transform
 from unic.eval.encoders import load_encoder
@@ -80,14 +81,7 @@ def source(tmp_path_factory) -> str:
     heads = {"cars": nn.Linear(32, 16), "food": nn.Linear(32, 16)}
     ladder = Ladder(32, 2, {TEACHER: TEACHER_DIM}, None, 16, 48)
     standardizer = TeacherStandardizer({TEACHER: TEACHER_DIM})
-    with torch.no_grad():
-        for p in ladder.parameters():
-            p.normal_(0, 0.3)
-        for name, buf in standardizer.named_buffers():
-            if name.endswith("__mean"):
-                buf.normal_(0, 2.0)
-            elif name.endswith("__std"):
-                buf.uniform_(0.5, 3.0)
+    randomise_adaptors(ladder, standardizer)
     path = str(tmp_path_factory.mktemp("model") / "universal.pth")
     save_checkpoint(universal_export(backbone, cfg, nn.Linear(32, UNIVERSAL_DIM), heads, list(heads), ladder,
                                      standardizer), path)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import tiny_overrides
+from tests.conftest import final_weights, tiny_overrides
 from unic.config import load_config
 from unic.train.health import SkippedSteps
 from unic.train.optim import is_fused, optimizer_step
@@ -117,7 +117,8 @@ def test_fused_and_plain_adamw_take_the_same_steps():
     torch.manual_seed(0)
     models = [torch.nn.Linear(8, 8) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
-    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.05, fused=f) for m, f in zip(models, (True, False))]
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.05, fused=fused)
+            for m, fused in zip(models, (True, False))]
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     for _ in range(5):
         x = torch.randn(4, 8)
@@ -193,12 +194,6 @@ def test_bf16_teacher_matches_the_float32_one_under_autocast():
         torch.testing.assert_close(out[key], ref[key], rtol=0.05, atol=0.05)
 
 
-def _final_model(out) -> dict:
-    from unic.io import load_checkpoint
-
-    return load_checkpoint(str(out / "checkpoint.pth"))["model"]
-
-
 def test_gpu_decode_trains_and_resumes_exactly(tmp_path, demo_root):
     """data.decode=gpu (here on the CPU device: the same code): the workers send encoded images and the
     augmentations drawn for each (index, seed); a run stopped at step 2 and resumed ends bit-identical."""
@@ -206,8 +201,10 @@ def test_gpu_decode_trains_and_resumes_exactly(tmp_path, demo_root):
 
     common = {"train.validate": False, "data.num_workers": 1, "udon.enabled": False, "data.decode": "gpu",
               "train.log_every": 2}
+
     def run(out, steps):
-        trainer = Trainer(load_config(None, tiny_overrides(demo_root, str(out), **common, **{"train.max_steps": steps})))
+        overrides = tiny_overrides(demo_root, str(out), **common, **{"train.max_steps": steps})
+        trainer = Trainer(load_config(None, overrides))
         try:
             assert trainer.device_augment is not None
             trainer.train()
@@ -217,7 +214,7 @@ def test_gpu_decode_trains_and_resumes_exactly(tmp_path, demo_root):
     run(tmp_path / "straight", 4)
     run(tmp_path / "resumed", 2)
     run(tmp_path / "resumed", 4)
-    a, b = _final_model(tmp_path / "straight"), _final_model(tmp_path / "resumed")
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

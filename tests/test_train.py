@@ -13,7 +13,7 @@ import pytest
 import timm
 import torch
 
-from tests.conftest import REPO, run_entry, tiny_overrides
+from tests.conftest import REPO, final_weights, run_entry, tiny_overrides
 
 import unic
 from unic.io import load_checkpoint
@@ -58,10 +58,6 @@ def test_demo_entry_point_end_to_end(tmp_path, demo_root):
     torch.testing.assert_close(plain.forward_features(x), b.forward_features(x))
 
 
-def _final_weights(out_dir):
-    return load_checkpoint(os.path.join(out_dir, "checkpoint.pth"))["model"]
-
-
 def test_resume_after_kill_is_exact(tmp_path, demo_root):
     # UNIC + UDON with a stateful margin head and dynamic domain sampling updated every 4 steps: model,
     # optimizer, standardisation, head buffers, sampler and per-domain streams must all come back exactly
@@ -92,7 +88,7 @@ def test_resume_after_kill_is_exact(tmp_path, demo_root):
     result = run_entry(["main_unic.py", *args])
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from {killed / 'checkpoint.pth'} at step {step_at_kill}" in result.stdout
-    a, b = _final_weights(straight), _final_weights(killed)
+    a, b = final_weights(straight), final_weights(killed)
     assert a.keys() == b.keys() and any(k.endswith("classifiers.shapes.t") for k in a)
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -121,7 +117,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, demo_root):
         for key in r1:
             if key.startswith("kept/"):
                 assert r2[key] == pytest.approx(r1[key], abs=1e-6)
-    w1, w2 = _final_weights(one), _final_weights(two)
+    w1, w2 = final_weights(one), final_weights(two)
     for key in w1:
         torch.testing.assert_close(w1[key], w2[key], rtol=1e-3, atol=1e-5)
 
@@ -228,7 +224,7 @@ def test_compiled_student_trains_like_the_eager_one(tmp_path, demo_root):
     for a, b in zip(eager, compiled):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)
     assert [m["loss"] for m in _metrics(runs["broken"])] == pytest.approx([m["loss"] for m in eager], rel=1e-6)
-    w_eager, w_compiled = _final_weights(runs["false"]), _final_weights(runs["true"])
+    w_eager, w_compiled = final_weights(runs["false"]), final_weights(runs["true"])
     assert w_eager.keys() == w_compiled.keys()
     a, b = unic.load_student(str(runs["true"] / "student.pth")), unic.load_student(str(runs["false"] / "student.pth"))
     x = torch.randn(2, 3, 32, 32)
